@@ -1,0 +1,444 @@
+"""What train.py, test.py and bench.py share: the command line, the device, the data, the checkpoints.
+
+Nothing here runs on import. Errors a user can cause are raised as UserError, which `run_main`
+turns into one line on stderr and exit code 2.
+"""
+
+import argparse
+import errno
+import io
+import os
+import pickle
+import sys
+import tokenize
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from net import CFGS, vgg
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad option, missing file, ...): reported in one line, exit code 2."""
+
+
+def run_main(main) -> None:
+    """Call main(); a UserError becomes `prog: error: message` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before an error; one line is easier to read."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _constant_comments(source_file: str) -> dict[str, str]:
+    """Map NAME -> its trailing comment, for top-level lines of the form `NAME = value  # comment`."""
+    comments, name, at_line_start = {}, None, True
+    with open(source_file, "rb") as f:
+        for tok in tokenize.tokenize(f.readline):
+            if tok.type == tokenize.NAME and at_line_start and tok.start[1] == 0:
+                name = tok.string
+            elif tok.type == tokenize.COMMENT and name and name.isupper():
+                comments[name] = tok.string.lstrip("# ").strip()
+            if tok.type in (tokenize.NEWLINE, tokenize.NL):
+                name = None
+            at_line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+                                         tokenize.ENCODING)
+    return comments
+
+
+def parse_config(defaults: dict, source_file: str, description: str, argv=None,
+                 extra=lambda parser: None) -> tuple[dict, argparse.Namespace]:
+    """Build the command line from the UPPERCASE constants of a script.
+
+    Each constant NAME becomes --name (underscores as dashes) with the constant's type and the
+    comment on its line as help, so the block at the top of the script stays the single source.
+    Returns (config with lowercase keys, namespace with any extra options).
+    """
+    comments = _constant_comments(source_file)
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, value in defaults.items():
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=comments.get(name, ""))
+        else:
+            kind = float if isinstance(value, float) else type(value)
+            parser.add_argument(flag, default=value, type=kind, metavar=kind.__name__.upper(),
+                                help=comments.get(name, ""))
+    extra(parser)
+    args = parser.parse_args(argv)
+    config = {name.lower(): getattr(args, name.lower()) for name in defaults}
+    return config, args
+
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def check_config(c: dict) -> None:
+    """Reject values that cannot work, before any data is read or any file is written."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    need(c["dataset"] in DATASETS, f"unknown dataset {c['dataset']!r}; choose one of {', '.join(DATASETS)}")
+    need(c["depth"] in CFGS, f"unknown VGG depth {c['depth']}; choose one of {', '.join(map(str, CFGS))}")
+    need(c["width_div"] >= 1 and 64 % c["width_div"] == 0,
+         f"--width-div must divide 64 (1, 2, 4, 8, 16, 32, 64), got {c['width_div']}")
+    need(c["image_size"] >= 32, f"--image-size must be at least 32 (five 2x2 pools), got {c['image_size']}")
+    need(c["batch_size"] >= 1, f"--batch-size must be at least 1, got {c['batch_size']}")
+    need(c["epochs"] >= 1, f"--epochs must be at least 1, got {c['epochs']}")
+    need(c["lr"] > 0, f"--lr must be positive, got {c['lr']}")
+    need(0 <= c["momentum"] < 1, f"--momentum must be in [0, 1), got {c['momentum']}")
+    need(c["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {c['weight_decay']}")
+    need(0 <= c["dropout"] < 1, f"--dropout must be in [0, 1), got {c['dropout']}")
+    need(c["optimizer"] in OPTIMIZERS, f"unknown optimizer {c['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}")
+    need(c["schedule"] in SCHEDULES, f"unknown schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
+    need(c["amp"] in AMP_MODES, f"unknown amp mode {c['amp']!r}; choose one of {', '.join(AMP_MODES)}")
+    need(c["augment"] in ("auto", "on", "off"), f"--augment must be auto, on or off, got {c['augment']!r}")
+    need(c["workers"] >= 0, f"--workers must be >= 0, got {c['workers']}")
+    need(c["keep"] >= 0, f"--keep must be >= 0 (0 keeps all), got {c['keep']}")
+    need(c["warmup_epochs"] >= 0 and c["step_epochs"] >= 1 and c["save_every_minutes"] >= 0,
+         "--warmup-epochs and --save-every-minutes must be >= 0, --step-epochs >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: CUDA, then Ascend NPU (when torch_npu is installed), then Apple MPS, then CPU.
+    A device asked for by name that is not there is a UserError."""
+    kind = name.split(":")[0]
+    if kind not in ("auto", "cuda", "npu", "mps", "cpu"):
+        raise UserError(f"unknown device {name!r}; choose auto, cuda, npu, mps or cpu")
+    has_npu = False
+    if kind in ("auto", "npu"):
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu)
+            has_npu = torch.npu.is_available()
+        except ImportError:
+            pass
+    available = {"cuda": torch.cuda.is_available(), "npu": has_npu,
+                 "mps": torch.backends.mps.is_available(), "cpu": True}
+    if kind == "auto":
+        kind = next(k for k in ("cuda", "npu", "mps", "cpu") if available[k])
+    elif not available[kind]:
+        raise UserError(f"--device {name}: no {kind.upper()} device is available on this machine")
+    if ":" in name:
+        return torch.device(name)
+    if kind in ("cuda", "npu") and local_rank is not None:
+        return torch.device(kind, local_rank)
+    return torch.device(kind)
+
+
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32.
+
+    auto: bf16 where the hardware has it (CUDA Ampere and newer, Ascend 910B, CPUs with AVX512-BF16/AMX:
+    on a 2-core Xeon, VGG16 at 32 px trains 1.2-1.3x faster in bf16), fp16 on older GPUs, fp32 elsewhere.
+    """
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "npu":
+        return torch.bfloat16 if torch.npu.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """One code path for mixed precision: a real autocast context, or a no-op one."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+# Per-channel mean and std of each training split (pixels in [0, 1]). "folder" uses ImageNet's.
+STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+# What torchvision looks for under the data root, for the error message when it is not there.
+EXPECTED_FILES = {
+    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "fashion-mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+}
+
+
+def _torchvision_split(name: str, root: str, train: bool):
+    """The torchvision dataset object; downloads when absent, one-line error when that fails."""
+    from torchvision import datasets
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass  # not on disk: try to download it
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return cls(root, train=train, download=True)
+    except Exception as e:  # offline, read-only folder, bad checksum: all end the same way
+        raise UserError(f"{name} not found under {Path(root).resolve()} and could not be downloaded "
+                        f"({type(e).__name__}); expected {EXPECTED_FILES[name]} there "
+                        "(set DATA_DIR or --data-dir to the dataset root)") from None
+
+
+class DeviceImages:
+    """A whole split as a uint8 tensor on the training device, preprocessed a batch at a time there.
+
+    Keeping 28x28 or 32x32 uint8 images on the device (MNIST is 47 MB, CIFAR-10 150 MB) avoids
+    DataLoader workers, PIL and the copy of 224 px floats (600 KB an image) for every batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
+                 image_size: int, device: torch.device, pad: int = 4):
+        self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
+        self.labels = labels.to(device)      # (N,) int64
+        self.classes = classes
+        self.image_size = image_size
+        self.device = device
+        self.pad = pad                       # random-crop padding, in pixels of the stored image
+        c = self.images.shape[1]
+        self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def preprocess(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None):
+        """uint8 (B, C, h, w) on the device -> normalized float (B, 3, S, S), channels_last."""
+        x = x.float().div_(255)
+        if augment:  # random crop with zero padding and horizontal flip, at the stored resolution
+            b, _, h, w = x.shape
+            p = self.pad
+            x = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device, generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device, generator=generator)
+            flip = torch.rand(b, 1, 1, device=x.device, generator=generator) < 0.5
+            cols = torch.arange(w, device=x.device).view(1, 1, w)
+            cols = torch.where(flip, w - 1 - cols, cols) + dx                       # (B, 1, w)
+            rows = torch.arange(h, device=x.device).view(1, h, 1) + dy              # (B, h, 1)
+            x = x[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols]    # (B, h, w, C)
+            x = x.permute(0, 3, 1, 2)
+        # Normalizing before the resize is the same result (bilinear weights sum to 1) on 64x fewer pixels.
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels: a view, copied once just below
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
+                generator: torch.Generator | None = None):
+        """Yield (images, labels) for `indices` in order, `batch_size` at a time."""
+        indices = indices.to(self.device)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            yield self.preprocess(self.images[idx], augment, generator), self.labels[idx]
+
+    def raw(self, i: int):
+        """Sample i as the dataset stores it, as a PIL image (28x28 grey or 32x32 colour)."""
+        from PIL import Image
+        img = self.images[i].cpu()
+        return Image.fromarray(img[0].numpy()) if img.shape[0] == 1 else Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+class FolderImages:
+    """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
+
+    def __init__(self, root: Path, classes_expected, mean, std, image_size: int, device: torch.device,
+                 workers: int):
+        from torchvision import datasets, transforms
+        self.device = device
+        self.workers = workers
+        normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        resize = transforms.Resize((image_size, image_size), antialias=True)
+        self.eval_set = datasets.ImageFolder(root, transform=transforms.Compose(
+            [transforms.Lambda(_rgb), resize, *normalize]))
+        self.train_set = datasets.ImageFolder(root, transform=transforms.Compose(
+            [transforms.Lambda(_rgb), resize, transforms.RandomCrop(image_size, padding=image_size // 8),
+             transforms.RandomHorizontalFlip(), *normalize]))
+        self.classes = self.eval_set.classes
+        if classes_expected is not None and self.classes != list(classes_expected):
+            raise UserError(f"{root} has classes {self.classes}, but the training set had {list(classes_expected)}")
+        self.labels = torch.tensor(self.eval_set.targets)
+        self._loaders = {}
+
+    def __len__(self) -> int:
+        return len(self.eval_set)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
+                generator: torch.Generator | None = None):
+        key = (augment, batch_size)
+        if key not in self._loaders:  # built once, so persistent workers stay alive across epochs
+            sampler = _IndexSampler()
+            loader = torch.utils.data.DataLoader(
+                self.train_set if augment else self.eval_set, batch_size=batch_size, sampler=sampler,
+                num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0)
+            self._loaders[key] = (loader, sampler)
+        loader, sampler = self._loaders[key]
+        sampler.indices = indices.tolist()
+        if generator is not None:  # seeds the workers' augmentation from the run's own generator
+            loader.generator = torch.Generator().manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def raw(self, i: int):
+        from PIL import Image
+        with Image.open(self.eval_set.samples[i][0]) as im:
+            return _rgb(im)
+
+
+class _IndexSampler(torch.utils.data.Sampler):
+    """Yields whatever indices were set last: the epoch's shuffled shard for this process."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _rgb(img):
+    return img.convert("RGB")
+
+
+def load_split(c: dict, train: bool, device: torch.device, classes=None):
+    """The training or test split named by config c, ready to hand out batches on `device`."""
+    root = Path(c["data_dir"])
+    mean, std = STATS[c["dataset"]]
+    if c["dataset"] == "folder":
+        split = root / ("train" if train else "test")
+        if not split.is_dir():
+            raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
+                            f"and {root}/test/CLASS/*.jpg")
+        try:
+            return FolderImages(split, classes, mean, std, c["image_size"], device, c["workers"])
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"cannot read images under {split}: {e}") from None
+    ds = _torchvision_split(c["dataset"], str(root), train)
+    images = torch.as_tensor(ds.data)
+    if images.ndim == 3:             # MNIST: (N, 28, 28)
+        images = images.unsqueeze(1)
+    else:                            # CIFAR-10: (N, 32, 32, 3) numpy, HWC
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
+    return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device)
+
+
+def augment_enabled(c: dict) -> bool:
+    """auto: on for cifar10 and folder (natural images), off for the digit and clothing datasets."""
+    return c["augment"] == "on" or (c["augment"] == "auto" and c["dataset"] in ("cifar10", "folder"))
+
+
+def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's part of the epoch's shuffle. Every process draws the same permutation
+    (seeded by seed and epoch), so the shards are disjoint and together cover all n samples."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[rank::world]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def build_model(c: dict, num_classes: int):
+    return vgg(c["depth"], num_classes, c["batch_norm"], c["dropout"], c["width_div"])
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+    A crash or a full disk at any moment leaves the previous `path` intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"could not write {path}: {reason}; the previous checkpoint is unchanged") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # makes the rename itself durable; not possible on every OS or file system
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint written by train.py. weights_only=True: a file cannot run code when loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (train first: python train.py)")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
+                        "(weights_only=True)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, io.UnsupportedOperation):
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
+    return ckpt
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The state dict of the plain network: without DDP's `module.` or torch.compile's `_orig_mod.`."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.state_dict()
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Load weights; a checkpoint of another architecture or class count is a UserError saying which."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing or len(state) != len(own):
+        raise UserError(f"{path} holds a different architecture ({len(state)} tensors, expected {len(own)}; "
+                        f"e.g. {(missing or sorted(set(state) - set(own)))[:1]} does not match)")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"{path} does not fit this model: {k} has shape {tuple(state[k].shape)}, "
+                            f"expected {tuple(v.shape)}")
+    model.load_state_dict(state)

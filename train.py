@@ -1,0 +1,420 @@
+"""Train a hand-written VGG16 (net.py) on MNIST, Fashion-MNIST, CIFAR-10 or your own image folders.
+
+    python train.py                                   # VGG16 on MNIST at 224 px; checkpoints in save_model/
+    python train.py --epochs 3 --dataset cifar10      # any constant below can be overridden like this
+    python train.py --image-size 32 --width-div 4     # a size that trains in minutes on a laptop CPU
+    python train.py --resume                          # continue save_model/last.pth exactly where it stopped
+    torchrun --nproc_per_node=8 train.py              # data-parallel on 8 GPUs (BATCH_SIZE is per process)
+    python train.py --help                            # every option with its default
+
+Then `python test.py` reloads save_model/best.pth and shows predicted against actual labels.
+"""
+
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from common import UserError
+
+# ------------------------------------------------------------------------------------------ hyperparameters
+# Edit these, or override any of them on the command line (python train.py --lr 0.05 --no-batch-norm).
+# data
+DATASET = "mnist"                              # mnist | fashion-mnist | cifar10 | folder (DATA_DIR/train/CLASS/*.jpg and DATA_DIR/test/...)
+DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else ./data)
+IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
+AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
+WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
+# model
+DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
+WIDTH_DIV = 1                                  # divide every channel count by this (4 = a 'small VGG' for CPUs)
+BATCH_NORM = True                              # BatchNorm after each convolution; trains reliably from scratch
+DROPOUT = 0.5                                  # dropout probability in the classifier
+# optim
+EPOCHS = 10                                    # passes over the training set
+BATCH_SIZE = 128                               # images per step, per process
+OPTIMIZER = "sgd"                              # sgd (with momentum) | adamw
+LR = 0.02                                      # peak learning rate (for BATCH_SIZE 128 on one process)
+MOMENTUM = 0.9                                 # SGD momentum (AdamW: beta1)
+WEIGHT_DECAY = 5e-4                            # L2 penalty, applied by the optimizer
+SCHEDULE = "cosine"                            # cosine | step | constant; the learning rate is updated after every step
+WARMUP_EPOCHS = 0.0                            # linear warm-up from 0 over this many epochs (fractions allowed)
+STEP_EPOCHS = 30                               # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
+STEP_GAMMA = 0.1                               # step schedule: the factor
+# system
+DEVICE = "auto"                                # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
+AMP = "auto"                                   # auto | bf16 | fp16 | off: mixed precision (auto: bf16 where supported, fp16 on older GPUs)
+COMPILE = False                                # torch.compile the model (faster on recent GPUs after a minute of compiling)
+SEED = 0                                       # seeds the weights, the shuffles and the augmentation
+SAVE_DIR = "save_model"                        # where checkpoints, metrics.csv and curves.png go
+KEEP = 3                                       # how many epoch_NNN.pth to keep (each is about 530 MB for VGG16); 0 keeps all
+SAVE_EVERY_MINUTES = 0.0                       # also write last.pth inside an epoch this often (0 = only at epoch ends)
+LOG_EVERY = 50                                 # steps between progress-bar updates (each costs one device sync)
+# ---------------------------------------------------------------------------------------------------------
+
+# Settings that do not change what is computed: on --resume these follow the command line,
+# every other setting comes from the checkpoint so the run continues as it began.
+RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
+                "log_every", "epochs")
+
+
+class Diverged(Exception):
+    pass
+
+
+def hyperparameters() -> dict:
+    """The constants of the block above, in order (UPPERCASE names holding plain values)."""
+    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (bool, int, float, str))}
+
+
+def extra_options(parser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pth")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run even though SAVE_DIR already holds one (its files are replaced)")
+
+
+def make_optimizer(model, c: dict) -> torch.optim.Optimizer:
+    # No weight decay on biases and BatchNorm parameters: decaying them only hurts (as in the
+    # official recipes' --norm-weight-decay 0).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": c["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if c["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=c["lr"], betas=(c["momentum"], 0.999))
+    return torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"])
+
+
+def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
+    """A factor on the learning rate, per optimizer step: linear warm-up, then cosine, step or constant."""
+    total = c["epochs"] * steps_per_epoch
+    warmup = round(c["warmup_epochs"] * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if c["schedule"] == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        if c["schedule"] == "step":
+            return c["step_gamma"] ** (step // (c["step_epochs"] * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def merge_resumed_config(stored: dict, given: dict, log) -> dict:
+    """The checkpoint's settings, except the run-time ones; says which given values differ and which win."""
+    merged = dict(stored)
+    for key, value in given.items():
+        if key not in stored:
+            merged[key] = value
+        elif stored[key] != value:
+            flag = "--" + key.replace("_", "-")
+            if key in RUNTIME_KEYS:
+                merged[key] = value
+                log(f"resume: {flag} is {value!r} (the checkpoint had {stored[key]!r}): using {value!r}")
+            else:
+                log(f"resume: {flag} {value!r} differs from the checkpoint's {stored[key]!r}: "
+                    f"keeping {stored[key]!r} so the run continues as it began")
+    return merged
+
+
+def setup_distributed() -> tuple[int, int, int | None]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, None) for a plain run."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the save folder {folder}: {e.strerror or e}") from None
+
+
+def rotate(save_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` epoch_NNN.pth (0 keeps all)."""
+    if keep > 0:
+        for old in sorted(save_dir.glob("epoch_*.pth"))[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def sum_across(values: list[float], device, distributed: bool) -> list[float]:
+    """Sum per-process totals over all processes (identity for a plain run)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.inference_mode()
+def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    indices = torch.arange(len(data))[rank::world]
+    for x, y in data.batches(indices, batch_size):
+        with common.autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    loss_sum, correct = sum_across([loss_sum.item(), correct.item()], device, world > 1)
+    return loss_sum / len(data), correct / len(data)
+
+
+def main() -> None:
+    config, args = common.parse_config(hyperparameters(), __file__, __doc__.splitlines()[0], extra=extra_options)
+    common.check_config(config)
+    rank, world, local_rank = setup_distributed()
+    distributed, master = world > 1, rank == 0
+    log = print if master else (lambda *a, **k: None)
+    save_dir = Path(config["save_dir"])
+    last_path = save_dir / "last.pth"
+
+    # ---- resume or start: decided before anything is written
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(last_path)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{last_path} has no training state to resume from")
+        config = merge_resumed_config(ckpt["config"], config, log)
+        common.check_config(config)
+    elif last_path.exists() and not args.overwrite:
+        raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
+                        "--overwrite, or pick another --save-dir")
+    c = config
+    if master:
+        check_writable(save_dir)
+        for stale in save_dir.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
+            stale.unlink(missing_ok=True)
+
+    # ---- device, precision, processes
+    device = common.pick_device(c["device"], local_rank)
+    if distributed:
+        if device.type in ("cuda", "npu"):
+            count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()
+            if local_rank >= count:
+                raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this node "
+                                f"but it has {count} {device.type.upper()} device(s): use --nproc_per_node={count}")
+            getattr(torch, device.type).set_device(device)
+        backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+        dist.init_process_group(backend)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = common.amp_dtype(device, c["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
+
+    # ---- data
+    train_data = common.load_split(c, True, device)
+    test_data = common.load_split(c, False, device, classes=train_data.classes)
+    classes = train_data.classes
+    augment = common.augment_enabled(c)
+    steps_per_epoch = math.ceil(math.ceil(len(train_data) / world) / c["batch_size"])
+
+    # ---- model and optimizer (same seed on every process: identical initial weights)
+    torch.manual_seed(c["seed"])
+    model = common.build_model(c, len(classes)).to(device)
+    if device.type in ("cuda", "cpu"):
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions on both (measured on CPU)
+    optimizer = make_optimizer(model, c)
+    scheduler = make_scheduler(optimizer, c, steps_per_epoch)
+    start_epoch, start_step, best_acc = 0, 0, 0.0
+    partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch in progress (for a mid-epoch resume)
+    torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
+    aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
+    if ckpt is not None:
+        common.load_model_state(model, ckpt["model"], last_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
+        if start_step and world == ckpt.get("world", 1):
+            torch.set_rng_state(ckpt["rng"][rank]["torch"])
+            aug_gen.set_state(ckpt["rng"][rank]["aug"])
+            partial = ckpt["partial"]
+        elif start_step:
+            log(f"resume: the run had {ckpt.get('world', 1)} processes and now has {world}: "
+                "the rest of the epoch is re-sharded and the random streams start afresh")
+        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
+    del ckpt
+    raw_model = model
+    if distributed:
+        model = DDP(model, device_ids=[device.index] if device.type in ("cuda", "npu") else None)
+    train_model = torch.compile(model) if c["compile"] else model
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
+        f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
+        f"device {device}{f' x {world} processes' if distributed else ''}, "
+        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}")
+
+    def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
+        """The full training state. epoch/step: epochs completed, and steps done in the next one;
+        partial: this process's loss sum, correct count and images so far in that epoch."""
+        rng = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
+        rngs = [None] * world
+        if distributed:
+            dist.all_gather_object(rngs, rng)  # each process has its own dropout and augmentation streams
+        else:
+            rngs = [rng]
+        return {"model": common.model_state(raw_model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                "best_acc": best_acc, "config": c, "classes": classes, "world": world, "rng": rngs,
+                "partial": partial}
+
+    # ---- Ctrl-C / SIGTERM: finish the step, write last.pth, exit; a second Ctrl-C stops at once
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    # Every process must take the same decision at the same step, since saving gathers all of their
+    # random states. A plain run decides at every step; processes agree at log steps, where all of
+    # them still have a batch, so one small all-reduce per LOG_EVERY steps is the whole cost.
+    full_steps = (len(train_data) // world) // c["batch_size"]
+
+    def stop_or_save(step: int) -> tuple[bool, bool]:
+        save_due = c["save_every_minutes"] > 0 and time.monotonic() - last_save >= 60 * c["save_every_minutes"]
+        if not distributed:
+            return stop["signal"] is not None, save_due
+        if step % c["log_every"] or step > full_steps:
+            return False, False
+        flags = torch.tensor([stop["signal"] or 0, int(save_due)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop["signal"] = int(flags[0]) or None
+        return bool(flags[0]), bool(flags[1])
+
+    # ---- training
+    last_save = time.monotonic()
+    for epoch in range(start_epoch, c["epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        indices = common.shard_indices(len(train_data), c["seed"], epoch, rank, world)
+        if start_step == 0:
+            aug_gen.manual_seed(c["seed"] * 1_000_003 + epoch * 1_009 + rank)
+            partial = [0.0, 0.0, 0.0]
+        batches = train_data.batches(indices[start_step * c["batch_size"]:], c["batch_size"], augment, aug_gen)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        seen = 0
+        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
+                   disable=not master, dynamic_ncols=True, leave=False)
+        t_log, seen_log = time.perf_counter(), 0
+        step = start_step
+        with model.join() if distributed else nullcontext():  # the last shard may be one batch shorter
+            for x, y in batches:
+                with common.autocast(device, amp):
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits, y)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                # Running sums stay on the device: no host sync until a log step.
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+                seen += len(y)
+                step += 1
+                bar.update()
+                stopping, save_now = stop_or_save(step)
+                if step % c["log_every"] == 0 or save_now or stopping:
+                    if int(first_bad) >= 0:
+                        raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
+                    now = time.perf_counter()
+                    done = seen + partial[2]
+                    bar.set_postfix(loss=f"{(float(loss_sum) + partial[0]) / done:.4f}",
+                                    acc=f"{(int(correct) + partial[1]) / done:.2%}",
+                                    img_s=f"{(seen - seen_log) * world / (now - t_log):.0f}")
+                    t_log, seen_log = now, seen
+                if save_now or stopping:
+                    state = checkpoint(epoch, step, [partial[0] + float(loss_sum), partial[1] + int(correct),
+                                                     partial[2] + seen])
+                    if master:
+                        common.save_checkpoint(state, last_path)
+                    last_save = time.monotonic()
+                    if stopping:
+                        bar.close()
+                        log(f"stopped by {signal.Signals(stop['signal']).name} at epoch {epoch + 1}, step {step}; "
+                            f"saved {last_path}; continue with: python train.py --resume", file=sys.stderr)
+                        sys.exit(128 + stop["signal"])
+        bar.close()
+        if int(first_bad) >= 0:
+            raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
+        start_step = 0
+
+        # ---- end of epoch: totals over the whole split, test accuracy, checkpoints
+        train_loss, train_correct, train_seen = sum_across(
+            [partial[0] + float(loss_sum), partial[1] + int(correct), partial[2] + seen], device, distributed)
+        test_loss, test_acc = evaluate(raw_model, test_data, 2 * c["batch_size"], device, amp, rank, world)
+        seconds = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        is_best = test_acc > best_acc
+        best_acc = max(best_acc, test_acc)
+        state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
+        if master:
+            epoch_path = save_dir / f"epoch_{epoch + 1:03d}.pth"
+            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
+            common.save_checkpoint(weights, epoch_path)
+            if is_best:
+                common.save_checkpoint(weights, save_dir / "best.pth")
+            common.save_checkpoint(state, last_path)
+            rotate(save_dir, c["keep"])
+            append_metrics(save_dir / "metrics.csv", {
+                "epoch": epoch + 1, "train_loss": f"{train_loss / train_seen:.6f}",
+                "train_acc": f"{train_correct / train_seen:.6f}", "test_loss": f"{test_loss:.6f}",
+                "test_acc": f"{test_acc:.6f}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}",
+                "images_per_s": f"{train_seen / seconds:.1f}"})
+            last_save = time.monotonic()
+        log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
+            f"{train_correct / train_seen:.2%} | test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
+            f"{seconds:.1f} s, {train_seen / seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
+
+    log(f"done: best test accuracy {best_acc:.2%}; checkpoints in {save_dir}/ (python test.py to see predictions)")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def run() -> None:
+    try:
+        common.run_main(main)
+    except Diverged as e:
+        print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint is kept "
+              "(try a lower --lr, or --amp off)", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    run()
