@@ -1,0 +1,97 @@
+"""Shared fixtures: small datasets written in torchvision's real on-disk formats, and a way to run the scripts."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_DATA = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as in the MNIST distribution: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian sizes, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def digit_images(labels: np.ndarray, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """Learnable 28x28 'digits': class k is a bright bar at a class-specific position, plus noise."""
+    images = rng.integers(0, 40, (len(labels), size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 + int(k) * 2
+        images[i, row:row + 3, 4:24] = 200 + rng.integers(0, 55)
+        if k % 2:
+            images[i, 4:24, row:row + 2] = 255
+    return images
+
+
+def make_mnist(root: Path, n_train: int = 256, n_test: int = 128, seed: int = 0, folder: str = "MNIST") -> Path:
+    """Write MNIST-format IDX files under root/folder/raw, as torchvision.datasets.MNIST reads them."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", digit_images(labels, rng))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def make_cifar(root: Path, n_per_batch: int = 20, n_test: int = 40, seed: int = 0) -> Path:
+    """Write CIFAR-10 python-format batches (pickled dicts of 3072-byte rows) under root/cifar-10-batches-py.
+
+    torchvision checks each file's MD5 against the official one; tests that load these must patch
+    that check (see cifar_ok below)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n):
+        labels = rng.integers(0, 10, n)
+        data = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        for i, k in enumerate(labels):  # a class-dependent colour patch, so it is learnable
+            data[i, k % 3, 4 + k:12 + k, 4:28] = 255
+        return {"data": data.reshape(n, 3072), "labels": labels.tolist()}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(n_per_batch), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return root
+
+
+@pytest.fixture
+def cifar_ok(monkeypatch):
+    """Let torchvision's CIFAR10 accept the hand-made batches (their MD5s cannot match the official ones)."""
+    import torchvision.datasets.cifar as cifar
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+
+
+@pytest.fixture
+def mnist_root(tmp_path) -> Path:
+    return make_mnist(tmp_path / "data")
+
+
+# Small, fast settings for the scripts: a VGG16 at 1/16 width on 32 px images.
+TINY = ["--image-size", "32", "--width-div", "16", "--batch-size", "32", "--epochs", "1", "--device", "cpu",
+        "--log-every", "2", "--lr", "0.05"]
+
+
+def run_script(script: str, *args, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:
+    """Run train.py / test.py / bench.py as a user would, from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
