@@ -1,0 +1,197 @@
+"""The device-side data pipeline (common.DeviceImages) against torchvision's transforms, its augmentation,
+and mixed-precision training, on small datasets written in MNIST's and CIFAR-10's real on-disk formats."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import datasets, transforms
+from torchvision.transforms import functional as TF
+
+import common
+from conftest import make_cifar, make_mnist
+from net import vgg
+
+CPU = torch.device("cpu")
+N = 16  # samples compared per case
+
+
+def config(dataset: str, root, image_size: int) -> dict:
+    return {"dataset": dataset, "data_dir": str(root), "image_size": image_size, "workers": 0}
+
+
+def reference(dataset: str, root, image_size: int) -> torch.Tensor:
+    """The first N training images through torchvision's own dataset class and PIL transforms."""
+    mean, std = common.STATS[dataset]
+    steps = [transforms.Resize((image_size, image_size))]
+    if dataset == "mnist":
+        steps.append(transforms.Grayscale(num_output_channels=3))
+        mean, std = mean * 3, std * 3
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[dataset]
+    ds = cls(str(root), train=True, transform=transforms.Compose(steps), download=False)
+    return torch.stack([ds[i][0] for i in range(N)])
+
+
+def tolerance(dataset: str, image_size: int, stored: int) -> float:
+    """Largest allowed |ours - torchvision| after Normalize.
+
+    No resize: both paths compute (x / 255 - mean) / std in float32, so only float rounding differs.
+    With a resize, PIL resamples an 8-bit image in two 1-D passes and rounds to uint8 after each, while
+    DeviceImages interpolates in float32. The first rounding (<= 0.5 grey level) goes through the second
+    pass, whose bilinear weights are >= 0 and sum to 1, so it stays <= 0.5; the final rounding adds
+    <= 0.5: at most 1 grey level (1/255 in [0, 1]), which Normalize divides by std. The bound is reached
+    (measured: max 1.0 level, mean 0.3), so 1% is added for PIL's fixed-point weights."""
+    if image_size == stored:
+        return 1e-5
+    return 1.01 / 255 / min(common.STATS[dataset][1])
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 224])
+def test_mnist_matches_torchvision_transforms(tmp_path, image_size):
+    root = make_mnist(tmp_path / "data", n_train=N, n_test=8)
+    data = common.load_split(config("mnist", root, image_size), True, CPU)
+    ours = data.preprocess(data.images[:N])
+    theirs = reference("mnist", root, image_size)
+    assert ours.shape == theirs.shape == (N, 3, image_size, image_size)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    diff = (ours - theirs).abs()
+    assert diff.max() <= tolerance("mnist", image_size, 28), diff.max()
+    assert diff.mean() < 0.5 / 255 / common.STATS["mnist"][1][0]  # most pixels agree to within rounding
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 224])
+def test_cifar_matches_torchvision_transforms(tmp_path, cifar_ok, image_size):
+    root = make_cifar(tmp_path / "data", n_per_batch=N, n_test=8)
+    data = common.load_split(config("cifar10", root, image_size), True, CPU)
+    ours = data.preprocess(data.images[:N])
+    theirs = reference("cifar10", root, image_size)
+    assert ours.shape == theirs.shape == (N, 3, image_size, image_size)
+    diff = (ours - theirs).abs()
+    assert diff.max() <= tolerance("cifar10", image_size, 32), diff.max()
+    assert diff.mean() < 0.5 / 255 / min(common.STATS["cifar10"][1])
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+def crops(x: torch.Tensor, pad: int) -> dict:
+    """Every (dy, dx, flip) view of one normalized image (C, h, w): a crop of the zero-padded image
+    (zero before normalization, as torchvision's RandomCrop(padding=pad) pads the PIL image), then an
+    optional horizontal flip, as RandomCrop + RandomHorizontalFlip produce."""
+    _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    return {(dy, dx, flip): TF.hflip(view) if flip else view
+            for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (False, True)
+            for view in [TF.crop(padded, dy, dx, h, w)]}
+
+
+def known_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n copies of one random 3x32x32 image (no two of its crops alike), as uint8 and in [0, 1]."""
+    image = torch.randint(1, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = image.expand(n, -1, -1, -1).contiguous()
+    return image, image.float() / 255
+
+
+def device_images(images: torch.Tensor, image_size: int = 32) -> common.DeviceImages:
+    mean, std = common.STATS["cifar10"]
+    return common.DeviceImages(images, torch.zeros(len(images), dtype=torch.long), ["x"], mean, std,
+                               image_size, CPU)
+
+
+def test_augmentation_is_a_flipped_shifted_crop_of_the_padded_image():
+    images, unit = known_images(64)
+    data = device_images(images)
+    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(0))
+    plain = data.preprocess(images)
+    assert out.shape == plain.shape == (64, 3, 32, 32)
+    # Expected views, built from the unnormalized image and normalized the way torchvision's Normalize does.
+    views = {k: (v - data.mean[0]) / data.std[0] for k, v in crops(unit[0], data.pad).items()}
+    found = []
+    for i in range(len(out)):
+        match = [k for k, v in views.items() if torch.allclose(out[i], v, atol=1e-5)]
+        assert len(match) == 1, f"image {i} is not exactly one crop/flip of the padded original"
+        found.append(match[0])
+    # With 64 draws, both flips and several offsets occur, and at least one image is changed.
+    assert {flip for _, _, flip in found} == {False, True}
+    assert len({(dy, dx) for dy, dx, _ in found}) > 10
+    assert any(k != (data.pad, data.pad, False) for k in found)
+    assert not torch.equal(out, plain)
+
+
+def test_flip_and_shift_move_a_known_pixel():
+    """One bright pixel at (row 10, col 5) of a dark 32x32 image: after a crop at offset (dy, dx) of the
+    4-pixel padded image it is at (10 + 4 - dy, 5 + 4 - dx), and a flip mirrors the column."""
+    images = torch.zeros(256, 1, 32, 32, dtype=torch.uint8)
+    images[:, 0, 10, 5] = 255
+    data = common.DeviceImages(images, torch.zeros(256, dtype=torch.long), ["x"], (0.0,), (1.0,), 32, CPU)
+    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (256, 3, 32, 32)
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
+    rows, cols = [], []
+    for img in out[:, 0]:
+        ys, xs = torch.nonzero(img == 1.0, as_tuple=True)
+        assert len(ys) == 1 and img.sum() == 1.0  # the pixel moved, nothing else appeared
+        rows.append(int(ys))
+        cols.append(int(xs))
+    assert set(rows) == set(range(10 - 4, 10 + 5))                # every vertical shift in [-4, 4]
+    unflipped = set(range(5 - 4, 5 + 5))                          # columns 1..9
+    flipped = {31 - c for c in unflipped}                         # columns 22..30
+    assert set(cols) <= unflipped | flipped
+    assert set(cols) & unflipped and set(cols) & flipped
+
+
+def test_augmentation_repeats_with_the_same_seed(tmp_path):
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    data = common.load_split(config("mnist", root, 32), True, CPU)
+    x = data.images[:32]
+
+    def batch(seed):
+        return data.preprocess(x, augment=True, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = batch(0), batch(0), batch(1)
+    plain = data.preprocess(x)
+    assert a.shape == plain.shape == (32, 3, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, plain)
+    # Through .batches too: same seed, same batches (the shuffle comes from shard_indices).
+    idx = common.shard_indices(len(data), seed=0, epoch=0)
+    first = [xb for xb, _ in data.batches(idx, 16, augment=True, generator=torch.Generator().manual_seed(3))]
+    again = [xb for xb, _ in data.batches(idx, 16, augment=True, generator=torch.Generator().manual_seed(3))]
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+
+
+# ------------------------------------------------------------------------------------------ mixed precision
+
+def test_bf16_autocast_training_lowers_the_loss(tmp_path):
+    """A 1/16-width VGG16 trained for a few dozen steps under CPU bf16 autocast, as train.py does."""
+    root = make_mnist(tmp_path / "data", n_train=256, n_test=8)
+    data = common.load_split(config("mnist", root, 32), True, CPU)
+    torch.manual_seed(0)
+    model = vgg(16, 10, batch_norm=True, width_div=16).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    amp = torch.bfloat16
+    fixed_x, fixed_y = data.preprocess(data.images[:128]), data.labels[:128]
+
+    def fixed_loss():
+        model.eval()
+        with torch.inference_mode(), common.autocast(CPU, amp):
+            loss = F.cross_entropy(model(fixed_x).float(), fixed_y)
+        model.train()
+        return loss.item()
+
+    before = fixed_loss()
+    losses = []
+    for epoch in range(6):  # 6 epochs of 8 steps
+        for x, y in data.batches(common.shard_indices(len(data), 0, epoch), 32):
+            with common.autocast(CPU, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            assert logits.dtype == torch.bfloat16  # autocast really ran the network in bf16
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert fixed_loss() < before - 0.5  # eval mode: BatchNorm running statistics, no dropout
