@@ -1,18 +1,27 @@
-"""Reload a checkpoint written by train.py and show predicted against actual labels on the test split.
+"""Show what a model trained by train.py learned: its predictions on the test split, or on your own images.
 
     python test.py                                       # save_model/best.pth, first 20 test images
     python test.py --checkpoint save_model/epoch_003.pth --show 100
     python test.py --show-all                            # one line per test image
+    python test.py --grid 100 --grid-seed 0 --out figs   # 100 random test images in figs/predictions.png
+    python test.py --image my_digit.png photos/          # your own images (files, or folders of them)
+    python test.py --image scan.jpg --invert off         # keep the colours as they are (digit models)
 
-The model is rebuilt from the configuration stored in the checkpoint, and the test images are
-preprocessed exactly as they were during training. Nothing opens a window.
+On the test split it prints predicted against actual labels, the accuracy, a per-class table and the
+confusion matrix, and writes confusion.png and predictions.png next to the checkpoint (or to --out).
+With --image it prints, for each image, the predicted class and the three most likely classes.
+
+The model is rebuilt from the configuration stored in the checkpoint, and every image is preprocessed
+exactly as the test images were during training. Nothing opens a window.
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
@@ -21,9 +30,19 @@ from common import UserError
 # ------------------------------------------------------------------------------------------------ defaults
 CHECKPOINT = "save_model/best.pth"   # the checkpoint to load
 SHOW = 20                            # print `Predicted: "7", Actual: "7"` for this many test images
+GRID = 64                            # test images drawn in predictions.png (0: no picture)
 BATCH_SIZE = 256                     # images per forward pass
 DEVICE = "auto"                      # auto | cuda | npu | mps | cpu
+INVERT = "auto"                      # --image with mnist/fashion-mnist models: auto inverts images that are mostly light
+TOP_K = 3                            # --image: how many of the most likely classes to print
 # ---------------------------------------------------------------------------------------------------------
+
+# The size each dataset stores its images at; --image brings any picture to it before the device
+# preprocessing (normalise, resize to the network's input, grey -> 3 channels) that training used.
+STORED_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32}
+GRAY = ("mnist", "fashion-mnist")     # light strokes on a dark background, single channel
+# What a folder given to --image is searched for (recursively). Files named explicitly are tried whatever their name.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,25 +51,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=CHECKPOINT, help="checkpoint file written by train.py")
     p.add_argument("--show", type=int, default=SHOW, metavar="N", help="print the prediction of the first N test images")
     p.add_argument("--show-all", action="store_true", help="print the prediction of every test image")
+    p.add_argument("--grid", type=int, default=GRID, metavar="N",
+                   help="draw N test images with their predicted and actual labels in predictions.png (0: none)")
+    p.add_argument("--grid-seed", type=int, default=None, metavar="SEED",
+                   help="draw a random sample of the test split, seeded by SEED; None: its first N images")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for confusion.png and predictions.png; None: the checkpoint's folder")
+    p.add_argument("--image", nargs="+", default=None, metavar="PATH",
+                   help="predict these image files, or every image in these folders (recursively), and skip "
+                        "the test split, so no dataset is needed; a path that cannot be read gets one line on "
+                        "stderr, the others still get their predictions, and the exit code is then 2")
+    p.add_argument("--invert", default=INVERT, choices=("auto", "on", "off"),
+                   help="--image, mnist/fashion-mnist models only: these datasets are light on dark, so "
+                        "auto inverts an image whose mean brightness is above 127 (dark on light)")
+    p.add_argument("--top-k", type=int, default=TOP_K, metavar="K",
+                   help="--image: print the K most likely classes with their probabilities")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     p.add_argument("--device", default=DEVICE, help="auto | cuda | npu | mps | cpu")
+    p.add_argument("--amp", default=None, choices=common.AMP_MODES,
+                   help="mixed precision; None: the checkpoint's setting")
     p.add_argument("--data-dir", default=None,
-                   help="dataset root (default: DATA_DIR from the environment, else the one used for training)")
+                   help="dataset root; None: DATA_DIR from the environment, else the one used for training")
     args = p.parse_args(argv)
-    if args.show < 0 or args.batch_size < 1:
-        p.error("--show must be >= 0 and --batch-size >= 1")
+    if args.show < 0 or args.grid < 0 or args.batch_size < 1 or args.top_k < 1:
+        p.error("--show and --grid must be >= 0, --batch-size and --top-k >= 1")
     return args
-
-
-@torch.inference_mode()
-def predict(model, data, batch_size: int, device, amp) -> torch.Tensor:
-    """Predicted class of every image of `data`, in order (on the CPU)."""
-    model.eval()
-    preds = []
-    for x, _ in data.batches(torch.arange(len(data)), batch_size):
-        with common.autocast(device, amp):
-            preds.append(model(x).argmax(1).cpu())
-    return torch.cat(preds)
 
 
 def load_model(path, device):
@@ -64,19 +89,115 @@ def load_model(path, device):
     return model, ckpt
 
 
-def main() -> None:
-    args = parse_args()
-    device = common.pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, device)
-    c = dict(ckpt["config"])
-    c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
-    classes = ckpt["classes"]
-    amp = common.amp_dtype(device, c["amp"])
-    data = common.load_split(c, False, device, classes=classes)
-    print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}, "
-          f"{c['dataset']} at {c['image_size']} px, trained {ckpt['epoch']} epoch(s)")
+@torch.inference_mode()
+def predict_logits(model, batches, device, amp) -> torch.Tensor:
+    """Logits (float32, on the CPU) of every image of `batches`, in order. Softmax is left to the caller."""
+    model.eval()
+    logits = []
+    for x, _ in batches:
+        with common.autocast(device, amp):
+            logits.append(model(x).float().cpu())
+    return torch.cat(logits)
 
-    preds = predict(model, data, args.batch_size, device, amp)
+
+# ------------------------------------------------------------------------------------------ the test split
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) counts: row = actual class, column = predicted class."""
+    return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
+
+
+def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
+    """The per-class table and the confusion matrix as text. Long class names (cifar10's "automobile")
+    would make 10 columns too wide, so the matrix then numbers its columns and rows."""
+    count, correct = cm.sum(1).tolist(), cm.diag().tolist()
+    name_w = max(5, *map(len, classes))
+    lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}"]
+    for name, n, k in zip(classes, count, correct):
+        lines.append(f"{name:<{name_w}}  {n:>6}  {k:>7}  {k / n if n else float('nan'):>8.2%}")
+
+    short = max(map(len, classes)) <= 5
+    cols = classes if short else [str(j) for j in range(len(classes))]
+    rows = classes if short else [f"{i} {name}" for i, name in enumerate(classes)]
+    corner = "actual\\pred"
+    row_w = max(len(corner), *map(len, rows))
+    col_w = max(len(str(int(cm.max()))), *map(len, cols)) + 2
+    lines += ["", "confusion matrix (rows: actual class, columns: predicted class):",
+              f"{corner:<{row_w}}" + "".join(f"{c:>{col_w}}" for c in cols)]
+    for name, row in zip(rows, cm.tolist()):
+        lines.append(f"{name:<{row_w}}" + "".join(f"{v:>{col_w}}" for v in row))
+    return "\n".join(lines)
+
+
+def save_figure(fig, path: Path) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    print(f"wrote {path}")
+
+
+def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
+    """confusion.png: counts in the cells, coloured by their share of the actual class."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
+    n = len(classes)
+    share = (cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    side = max(4.0, 0.4 * n + 1.4)
+    fig = Figure(figsize=(side, side * 0.92), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    # gamma < 1 so that a class confused 1% of the time is already visibly tinted
+    ax.imshow(share, cmap="Blues", norm=PowerNorm(0.4, vmin=0, vmax=1))
+    if n <= 30:  # beyond that the numbers no longer fit in the cells
+        for (i, j), v in np.ndenumerate(cm.numpy()):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else ("0.75" if v == 0 else "black"))
+    long_names = max(map(len, classes)) > 3
+    ax.set_xticks(range(n), classes, rotation=45 if long_names else 0, ha="right" if long_names else "center",
+                  fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="actual")
+    acc = cm.diag().sum().item() / max(1, cm.sum().item())
+    ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
+    save_figure(fig, path)
+
+
+def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor, classes: list[str],
+              path: Path) -> None:
+    """predictions.png: the images as the dataset stores them, each with its predicted and actual label;
+    mistakes get a red caption and a red frame."""
+    from matplotlib.figure import Figure
+    cols = min(len(indices), max(8, math.ceil(math.sqrt(len(indices)))))
+    rows = math.ceil(len(indices) / cols)
+    cell = max(0.95, 0.075 * (5 + max(map(len, classes))))  # inches: room for "pred automobile"
+    fig = Figure(figsize=(cols * cell, rows * 1.12 + 0.3), dpi=80, layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    wrong = 0
+    for ax, i in zip(axes, indices):
+        img, p, y = data.raw(i), int(preds[i]), int(labels[i])
+        ok = p == y
+        wrong += not ok
+        gray = img.mode == "L"
+        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None, vmax=255 if gray else None,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"pred {classes[p]}\ntrue {classes[y]}", fontsize=7, color="black" if ok else "red",
+                     fontweight="normal" if ok else "bold", pad=2)
+        for spine in ax.spines.values():
+            spine.set_color("0.8" if ok else "red")
+            spine.set_linewidth(0.5 if ok else 2.5)
+    for ax in axes[len(indices):]:  # the empty cells of the last row
+        ax.set_axis_off()
+    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)", fontsize=9)
+    save_figure(fig, path)
+
+
+def evaluate_split(args, model, ckpt, c, device, amp) -> None:
+    classes = ckpt["classes"]
+    out = output_dir(args)  # before the evaluation, which can take a while: fail early if it cannot be made
+    data = common.load_split(c, False, device, classes=classes)
+    preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size), device, amp).argmax(1)
     labels = data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
@@ -84,6 +205,152 @@ def main() -> None:
     correct = int((preds == labels).sum())
     print(f"test accuracy: {correct}/{len(labels)} = {correct / len(labels):.2%}")
 
+    cm = confusion_matrix(preds, labels, len(classes))
+    print()
+    print(format_tables(cm, classes))
+    print()
+    draw_confusion(cm, classes, out / "confusion.png")
+    if args.grid:
+        n = min(args.grid, len(data))
+        if args.grid_seed is None:
+            indices = list(range(n))
+        else:  # sorted, so they can be found in the --show-all listing
+            g = torch.Generator().manual_seed(args.grid_seed)
+            indices = sorted(torch.randperm(len(data), generator=g)[:n].tolist())
+        draw_grid(data, indices, preds, labels, classes, out / "predictions.png")
+
+
+def output_dir(args) -> Path:
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ your own images
+
+def find_images(paths: list[str], report) -> list[Path]:
+    """Files as given, and the image files inside folders (recursively, sorted). Paths that do not exist
+    are reported and left out."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            inside = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not inside:
+                report(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found += inside
+        elif path.exists():
+            found.append(path)
+        else:
+            report(f"{path} does not exist")
+    return found
+
+
+def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
+    """The image as the checkpoint's dataset stores its samples: uint8 (1, 28, 28) grey for mnist and
+    fashion-mnist, (3, 32, 32) RGB for cifar10; for folder, the float tensor of its eval transform.
+    Returns (tensor, whether it was inverted)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        if dataset == "folder":  # as ImageFolder reads its files (no EXIF rotation), then the eval transform
+            return folder_transform(im), False
+        im = ImageOps.exif_transpose(im)  # phone photos keep their rotation in EXIF
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            # Transparent pixels take the colour of the paper they would be drawn on: white.
+            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+        if im.mode.startswith("I"):  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
+            wide = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+        size = STORED_SIZE[dataset]
+        im = im.convert("L" if dataset in GRAY else "RGB")
+        # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not aliased.
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+        inverted = False
+        if dataset in GRAY and (invert == "on" or invert == "auto" and np.asarray(im).mean() > 127):
+            im, inverted = ImageOps.invert(im), True
+        x = torch.from_numpy(np.array(im))
+        return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)), inverted
+
+
+def folder_eval_transform(image_size: int):
+    """common.FolderImages' eval transform, built without reading a dataset folder
+    (tests/test_visual.py checks that both give the same tensor)."""
+    from torchvision import transforms
+    mean, std = common.STATS["folder"]
+    return transforms.Compose([transforms.Lambda(common._rgb),
+                               transforms.Resize((image_size, image_size), antialias=True),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def predict_files(args, model, c, classes, device, amp) -> int:
+    """Print the prediction for every image, a batch of files at a time (a folder of photos at 224 px
+    would not fit in memory at once); returns how many paths could not be read."""
+    dataset = c["dataset"]
+    if args.invert == "on" and dataset not in GRAY:
+        raise UserError(f"--invert applies to mnist and fashion-mnist models; this one was trained on {dataset}")
+    folder_transform = folder_eval_transform(c["image_size"]) if dataset == "folder" else None
+    errors = []
+
+    def report(message):
+        errors.append(message)
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
+
+    files = find_images(args.image, report)
+    for start in range(0, len(files), args.batch_size):
+        paths, images, inverted = [], [], []
+        for path in files[start:start + args.batch_size]:
+            try:
+                x, inv = read_image(path, dataset, args.invert, folder_transform)
+            except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
+                report(f"{path} is not an image that can be read ({type(e).__name__}: {e})".replace("\n", " "))
+                continue
+            except Exception as e:  # PIL's DecompressionBombError and other decoder failures
+                report(f"{path} could not be decoded ({type(e).__name__}: {e})".replace("\n", " "))
+                continue
+            paths.append(path)
+            images.append(x)
+            inverted.append(inv)
+        if not images:
+            continue
+        x = torch.stack(images)
+        if dataset == "folder":  # already through the eval transform
+            batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
+        else:  # the very same device preprocessing as the test split: a DeviceImages of these images
+            mean, std = common.STATS[dataset]
+            batches = common.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes, mean, std,
+                                          c["image_size"], device).batches(torch.arange(len(x)), len(x))
+        probs = torch.softmax(predict_logits(model, batches, device, amp), dim=1)
+        top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
+        for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):
+            top = ", ".join(f'"{classes[k]}" {p:.2%}' for p, k in zip(ps, ks))
+            print(f'{path}: Predicted: "{classes[ks[0]]}" | top-{len(ks)}: {top}{" (inverted)" if inv else ""}')
+    return len(errors)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main() -> None:
+    args = parse_args()
+    device = common.pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device)
+    c = dict(ckpt["config"])
+    c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
+    amp = common.amp_dtype(device, args.amp or c["amp"])
+    print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}, "
+          f"{c['dataset']} at {c['image_size']} px, trained {ckpt['epoch']} epoch(s)")
+    if args.image:
+        if predict_files(args, model, c, ckpt["classes"], device, amp):
+            sys.exit(2)  # each unreadable path has had its line on stderr already
+    else:
+        evaluate_split(args, model, ckpt, c, device, amp)
+
 
 if __name__ == "__main__":
-    common.run_main(main)
+    try:
+        common.run_main(main)
+    except BrokenPipeError:  # python test.py --show-all | head: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent too
+        sys.exit(1)
