@@ -39,6 +39,9 @@ def run_main(main) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage block before an error; one line is easier to read."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --lr must not silently mean --lr-something
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -78,8 +81,12 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
             parser.add_argument(flag, default=value, type=kind, metavar=kind.__name__.upper(),
                                 help=comments.get(name, ""))
     extra(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     config = {name.lower(): getattr(args, name.lower()) for name in defaults}
+    # Which settings were typed on the command line (--resume reports only those when they differ).
+    typed = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")}
+    args.explicit = typed & config.keys()
     return config, args
 
 
@@ -137,7 +144,12 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     elif not available[kind]:
         raise UserError(f"--device {name}: no {kind.upper()} device is available on this machine")
     if ":" in name:
-        return torch.device(name)
+        index = name.split(":", 1)[1]
+        count = {"cuda": torch.cuda.device_count, "npu": lambda: torch.npu.device_count()}.get(kind, lambda: 1)()
+        if not index.isdigit() or int(index) >= count:
+            raise UserError(f"--device {name}: this machine has {count} {kind.upper()} device(s), "
+                            f"numbered {kind}:0 to {kind}:{count - 1}")
+        return torch.device(kind, int(index))
     if kind in ("cuda", "npu") and local_rank is not None:
         return torch.device(kind, local_rank)
     return torch.device(kind)
@@ -232,9 +244,10 @@ class DeviceImages:
             b, _, h, w = x.shape
             p = self.pad
             x = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device, generator=generator)
-            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device, generator=generator)
-            flip = torch.rand(b, 1, 1, device=x.device, generator=generator) < 0.5
+            g = generator.device if generator is not None else x.device  # MPS draws on a CPU generator
+            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
+            flip = (torch.rand(b, 1, 1, device=g, generator=generator) < 0.5).to(x.device)
             cols = torch.arange(w, device=x.device).view(1, 1, w)
             cols = torch.where(flip, w - 1 - cols, cols) + dx                       # (B, 1, w)
             rows = torch.arange(h, device=x.device).view(1, h, 1) + dy              # (B, h, 1)
@@ -439,6 +452,45 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
                         f"e.g. {(missing or sorted(set(state) - set(own)))[:1]} does not match)")
     for k, v in own.items():
         if state[k].shape != v.shape:
-            raise UserError(f"{path} does not fit this model: {k} has shape {tuple(state[k].shape)}, "
-                            f"expected {tuple(v.shape)}")
+            if k == "classifier.6.weight" and state[k].shape[1:] == v.shape[1:]:
+                raise UserError(f"{path} was trained for {state[k].shape[0]} classes, but {v.shape[0]} are expected")
+            raise UserError(f"{path} holds a different architecture: {k} has shape {tuple(state[k].shape)}, "
+                            f"expected {tuple(v.shape)} (another depth, width or batch-norm setting)")
     model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def plot_curves(csv_path, png_path) -> None:
+    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train against test.
+
+    Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
+    means the backend of whatever program imports this module is left alone. A plot that cannot be
+    drawn (matplotlib missing, unreadable CSV) is a warning on stderr, never the end of a training run.
+    """
+    import csv
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}.png")  # train.py deletes stale .*.tmp* files
+    try:
+        from matplotlib.figure import Figure
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        for split, marker in (("train", "o"), ("test", "s")):
+            ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker, label=split)
+            ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker, label=split)
+        for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
+            ax.set(xlabel="epoch", ylabel=name)
+            ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
+            ax.grid(alpha=0.3)
+            ax.legend()
+        best = max(range(len(rows)), key=lambda i: float(rows[i]["test_acc"]), default=None)
+        if best is not None:
+            fig.suptitle(f"best test accuracy {float(rows[best]['test_acc']):.2%} (epoch {epochs[best]})", fontsize=10)
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)  # a viewer never sees a half-written file
+    except (ImportError, OSError, ValueError, KeyError) as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not draw {png_path}: {e}", file=sys.stderr)

@@ -63,10 +63,14 @@ SAVE_EVERY_MINUTES = 0.0                       # also write last.pth inside an e
 LOG_EVERY = 50                                 # steps between progress-bar updates (each costs one device sync)
 # ---------------------------------------------------------------------------------------------------------
 
-# Settings that do not change what is computed: on --resume these follow the command line,
-# every other setting comes from the checkpoint so the run continues as it began.
+# Settings that do not change what is computed: on --resume these follow this invocation
+# (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
 RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
                 "log_every", "epochs")
+
+
+# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them before training.
+OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
 
 
 class Diverged(Exception):
@@ -112,20 +116,18 @@ def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def merge_resumed_config(stored: dict, given: dict, log) -> dict:
-    """The checkpoint's settings, except the run-time ones; says which given values differ and which win."""
+def merge_resumed_config(stored: dict, given: dict, typed: set, log) -> dict:
+    """The checkpoint's settings, so the run continues as it began, except:
+    run-time settings (device, data folder, ...) which follow this invocation, and --epochs when typed.
+    Each typed value that differs from the checkpoint is reported with the value that is used."""
     merged = dict(stored)
     for key, value in given.items():
-        if key not in stored:
+        if key in RUNTIME_KEYS and (key != "epochs" or key in typed) or key not in stored:
             merged[key] = value
-        elif stored[key] != value:
+        if key in typed and key in stored and stored[key] != value:
             flag = "--" + key.replace("_", "-")
-            if key in RUNTIME_KEYS:
-                merged[key] = value
-                log(f"resume: {flag} is {value!r} (the checkpoint had {stored[key]!r}): using {value!r}")
-            else:
-                log(f"resume: {flag} {value!r} differs from the checkpoint's {stored[key]!r}: "
-                    f"keeping {stored[key]!r} so the run continues as it began")
+            used = "this value" if merged[key] == value else f"the checkpoint's {stored[key]!r}"
+            log(f"resume: {flag} {value!r} differs from the checkpoint's {stored[key]!r}: using {used}")
     return merged
 
 
@@ -160,6 +162,17 @@ def append_metrics(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop rows of epochs after the checkpoint's (written by a run that died before saving last.pth)."""
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs_done]
+        if len(kept) != len(rows):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
 
 
 def sum_across(values: list[float], device, distributed: bool) -> list[float]:
@@ -201,7 +214,7 @@ def main() -> None:
         ckpt = common.load_checkpoint(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
-        config = merge_resumed_config(ckpt["config"], config, log)
+        config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         common.check_config(config)
     elif last_path.exists() and not args.overwrite:
         raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
@@ -211,6 +224,8 @@ def main() -> None:
         check_writable(save_dir)
         for stale in save_dir.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
             stale.unlink(missing_ok=True)
+        if ckpt is not None:
+            truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
 
     # ---- device, precision, processes
     device = common.pick_device(c["device"], local_rank)
@@ -262,6 +277,7 @@ def main() -> None:
             log(f"resume: the run had {ckpt.get('world', 1)} processes and now has {world}: "
                 "the rest of the epoch is re-sharded and the random streams start afresh")
         log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
+    ckpt_epoch = None if ckpt is None else ckpt["epoch"]
     del ckpt
     raw_model = model
     if distributed:
@@ -277,6 +293,8 @@ def main() -> None:
     def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
         """The full training state. epoch/step: epochs completed, and steps done in the next one;
         partial: this process's loss sum, correct count and images so far in that epoch."""
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} (the weights are no longer finite)")
         rng = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
         rngs = [None] * world
         if distributed:
@@ -315,6 +333,11 @@ def main() -> None:
         return bool(flags[0]), bool(flags[1])
 
     # ---- training
+    if master and args.overwrite and ckpt_epoch is None:
+        # Only now that data and model are ready: a mistyped option never costs the old run.
+        for old in [*save_dir.glob("epoch_*.pth"), *(save_dir / n for n in OLD_RUN_FILES)]:
+            old.unlink(missing_ok=True)
+        log(f"--overwrite: removed the previous run's files from {save_dir}")
     last_save = time.monotonic()
     for epoch in range(start_epoch, c["epochs"]):
         t0 = time.perf_counter()
@@ -385,18 +408,20 @@ def main() -> None:
         best_acc = max(best_acc, test_acc)
         state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
         if master:
-            epoch_path = save_dir / f"epoch_{epoch + 1:03d}.pth"
-            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
-            common.save_checkpoint(weights, epoch_path)
-            if is_best:
-                common.save_checkpoint(weights, save_dir / "best.pth")
-            common.save_checkpoint(state, last_path)
-            rotate(save_dir, c["keep"])
+            # last.pth goes last: if the run dies before it, --resume redoes this epoch, and the
+            # metrics row written here is dropped again (see truncate_metrics).
             append_metrics(save_dir / "metrics.csv", {
                 "epoch": epoch + 1, "train_loss": f"{train_loss / train_seen:.6f}",
                 "train_acc": f"{train_correct / train_seen:.6f}", "test_loss": f"{test_loss:.6f}",
                 "test_acc": f"{test_acc:.6f}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}",
                 "images_per_s": f"{train_seen / seconds:.1f}"})
+            common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
+            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
+            common.save_checkpoint(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
+            if is_best:
+                common.save_checkpoint(weights, save_dir / "best.pth")
+            common.save_checkpoint(state, last_path)
+            rotate(save_dir, c["keep"])
             last_save = time.monotonic()
         log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
             f"{train_correct / train_seen:.2%} | test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "

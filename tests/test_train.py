@@ -1,0 +1,115 @@
+"""train.py and test.py end to end, on a small MNIST written in the real IDX format, and on real MNIST when present."""
+
+import re
+
+import pytest
+import torch
+
+import common
+import train
+from conftest import REAL_DATA, TINY, make_mnist, run_script
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 3-epoch run shared by the tests below: keep 2 epoch files."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_mnist(tmp / "data", n_train=512, n_test=128)
+    save = tmp / "save"
+    proc = run_script("train.py", *TINY, "--epochs", "3", "--keep", "2", "--data-dir", data, "--save-dir", save,
+                      check=True)
+    return data, save, proc
+
+
+def test_checkpoints_appear_and_rotation_keeps_n(trained):
+    _, save, proc = trained
+    assert sorted(p.name for p in save.glob("epoch_*.pth")) == ["epoch_002.pth", "epoch_003.pth"]
+    assert (save / "best.pth").is_file() and (save / "last.pth").is_file()
+    assert len(re.findall(r"^epoch \d/3: train loss", proc.stdout, re.M)) == 3
+    last = load(save / "last.pth")
+    assert last["epoch"] == 3 and last["step"] == 0
+    assert {"model", "optimizer", "scheduler", "config", "classes", "best_acc"} <= last.keys()
+    assert last["classes"] == [str(i) for i in range(10)]
+    assert last["config"]["width_div"] == 16 and last["config"]["image_size"] == 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    best = load(save / "best.pth")
+    assert best["test_acc"] == pytest.approx(last["best_acc"])
+    assert not list(save.glob(".*tmp*"))
+
+
+def test_training_lowers_the_loss(trained):
+    """The test loss of the trained weights is below that of the same network at initialisation."""
+    data, save, _ = trained
+    ckpt = load(save / "last.pth")
+    c = dict(ckpt["config"], data_dir=str(data))
+    test_data = common.load_split(c, False, torch.device("cpu"))
+    torch.manual_seed(c["seed"])  # train.py's initial weights
+    model = common.build_model(c, 10)
+    initial_loss, _ = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
+    model.load_state_dict(ckpt["model"])
+    final_loss, final_acc = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
+    assert final_loss < initial_loss - 0.1
+    assert final_acc > 0.2  # chance is 0.1
+
+
+def test_test_script_prints_predictions_and_accuracy(trained):
+    data, save, _ = trained
+    proc = run_script("test.py", "--checkpoint", save / "best.pth", "--data-dir", data, "--show", "5",
+                      "--device", "cpu", check=True)
+    lines = re.findall(r'^Predicted: "(\d)", Actual: "(\d)"$', proc.stdout, re.M)
+    assert len(lines) == 5
+    m = re.search(r"^test accuracy: (\d+)/128 = ([\d.]+)%$", proc.stdout, re.M)
+    assert m, proc.stdout
+    best = load(save / "best.pth")
+    assert int(m.group(1)) / 128 == pytest.approx(best["test_acc"])
+    # the labels printed are the real ones of the first five test images
+    labels = common.load_split(dict(best["config"], data_dir=str(data)), False, torch.device("cpu")).labels[:5]
+    assert [int(a) for _, a in lines] == labels.tolist()
+
+
+def test_resume_continues_at_next_epoch_with_saved_state(trained, tmp_path):
+    data, save, _ = trained
+    copy = tmp_path / "save"
+    copy.mkdir()
+    for f in ("last.pth",):
+        (copy / f).write_bytes((save / f).read_bytes())
+    before = load(copy / "last.pth")
+    proc = run_script("train.py", "--resume", "--epochs", "4", "--data-dir", data, "--save-dir", copy, check=True)
+    assert "resumed" in proc.stdout and "epoch 4/4: train loss" in proc.stdout
+    assert "epoch 1/4" not in proc.stdout and "epoch 3/4" not in proc.stdout
+    after = load(copy / "last.pth")
+    assert after["epoch"] == 4
+    assert after["scheduler"]["last_epoch"] == before["scheduler"]["last_epoch"] + 16  # 512 / 32 steps more
+    assert after["config"]["width_div"] == 16  # the checkpoint's settings, not the script's defaults
+
+
+def test_same_seed_same_weights(tmp_path, mnist_root):
+    runs = []
+    for name in ("a", "b"):
+        run_script("train.py", *TINY, "--data-dir", mnist_root, "--save-dir", tmp_path / name, check=True)
+        runs.append(load(tmp_path / name / "last.pth")["model"])
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_help_lists_every_constant():
+    proc = run_script("train.py", "--help", check=True)
+    for name in train.hyperparameters():
+        assert "--" + name.lower().replace("_", "-") in proc.stdout, name
+    assert "(default: 224)" in proc.stdout  # IMAGE_SIZE, with the comment from the constant's line
+    assert "network input side in pixels" in proc.stdout
+
+
+@pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(),
+                    reason=f"real MNIST not found under {REAL_DATA} (set DATA_DIR)")
+def test_real_mnist_reaches_95_percent(tmp_path):
+    """The honest proof that training works: one epoch (469 steps) of a 1/8-width VGG16 at 32 px."""
+    proc = run_script("train.py", "--data-dir", REAL_DATA, "--image-size", "32", "--width-div", "8",
+                      "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--save-dir", tmp_path, check=True)
+    acc = load(tmp_path / "best.pth")["test_acc"]
+    print(proc.stdout.splitlines()[-2])
+    assert acc >= 0.95, proc.stdout
