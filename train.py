@@ -269,7 +269,7 @@ def main() -> None:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
-        if start_step and world == ckpt.get("world", 1):
+        if world == ckpt.get("world", 1):  # the random streams go on where they were (dropout, augmentation)
             torch.set_rng_state(ckpt["rng"][rank]["torch"])
             aug_gen.set_state(ckpt["rng"][rank]["aug"])
             partial = ckpt["partial"]

@@ -1,0 +1,438 @@
+"""Never lose a training run: Ctrl-C/SIGTERM, kill -9, exact resume, divergence, and bad input.
+
+The training runs here use a 1,024-image MNIST in the real IDX format and a 1/16-width VGG16 at 32 px
+(32 steps an epoch), so each run takes seconds. Bad input is tried in-process where the script stops
+before training starts (same code path, no second torch import), and in a real process otherwise.
+"""
+
+import errno
+import hashlib
+import importlib.util
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import train
+from conftest import ROOT, TINY, make_mnist, run_script
+
+# Two epochs with a step schedule: a run of 1 epoch extended by --resume --epochs 2 follows the same
+# learning rates as a straight 2-epoch run (a cosine schedule's shape depends on the number of epochs).
+RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def digests(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def popen(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.001) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended (exit {proc.returncode}) before the moment to stop it:\n"
+                                 f"{proc.communicate()[1][-2000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("timed out waiting for the moment to stop train.py")
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("data"), n_train=1024, n_test=128)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The reference: 2 epochs without interruption."""
+    save = tmp_path_factory.mktemp("straight")
+    run_script("train.py", *RUN, "--data-dir", data, "--save-dir", save, check=True)
+    return load(save / "last.pth")
+
+
+# ------------------------------------------------------------------------------------ exact resume
+
+def test_one_epoch_then_resume_equals_two_straight_and_reports_changed_settings(data, straight, tmp_path):
+    run_script("train.py", *RUN, "--epochs", "1", "--data-dir", data, "--save-dir", tmp_path, check=True)
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--lr", "0.5", "--keep", "1", "--data-dir", data,
+                      "--save-dir", tmp_path, check=True)
+    # A changed hyperparameter is named, with the value that is used: the stored one, so the run goes on as it began.
+    assert "resume: --lr 0.5 differs from the checkpoint's 0.05: using the checkpoint's 0.05" in proc.stdout
+    # A run-time setting follows the command line.
+    assert "resume: --keep 1 differs from the checkpoint's 3: using this value" in proc.stdout
+    assert "epoch 2/2: train loss" in proc.stdout and "epoch 1/2: train loss" not in proc.stdout
+    resumed = load(tmp_path / "last.pth")
+    assert resumed["epoch"] == 2 and resumed["config"]["lr"] == 0.05
+    assert_same_weights(resumed["model"], straight["model"])  # bitwise
+    assert resumed["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
+    for i, s in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["momentum_buffer"], s["momentum_buffer"])
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pth")) == ["epoch_002.pth"]  # --keep 1 was used
+
+
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(data, straight, tmp_path):
+    proc = popen(*RUN, "--data-dir", data, "--save-dir", tmp_path)
+    wait_for(lambda: (tmp_path / "epoch_001.pth").exists(), proc)
+    proc.send_signal(signal.SIGTERM)  # epoch 2 has just begun
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM at epoch 2, step" in err and "python train.py --resume" in err
+    assert "Traceback" not in err
+    stopped = load(tmp_path / "last.pth")
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 32  # inside epoch 2, not at its start or end
+
+    proc = run_script("train.py", "--resume", "--data-dir", data, "--save-dir", tmp_path, check=True)
+    assert f"resumed {tmp_path / 'last.pth'}: epoch 2, step {stopped['step']}" in proc.stdout
+    assert_same_weights(load(tmp_path / "last.pth")["model"], straight["model"])
+    # the epoch's loss and accuracy are summed over the whole split, across the interruption
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_ctrl_c_is_handled_like_sigterm(data, tmp_path):
+    proc = popen(*RUN, "--data-dir", data, "--save-dir", tmp_path)
+    wait_for(lambda: (tmp_path / "epoch_001.pth").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "stopped by SIGINT" in err and "Traceback" not in err
+    assert load(tmp_path / "last.pth")["step"] > 0
+
+
+def test_kill_9_at_several_moments_then_resume_is_exact(data, straight, tmp_path):
+    """SIGKILL during a save inside epoch 1, right when epoch 1's files are being written, and at an
+    arbitrary moment of epoch 2; after each, last.pth loads and --resume continues from it."""
+    often = ["--save-every-minutes", "0.0001"]  # last.pth after (nearly) every step
+    during_save = lambda: (tmp_path / "last.pth").exists() and any(tmp_path.glob(".last.pth.tmp*"))  # noqa: E731
+    end_of_epoch_1 = lambda: (tmp_path / "epoch_001.pth").exists()  # noqa: E731
+    inside_epoch_2 = lambda: end_of_epoch_1() and load_ok(tmp_path)["epoch"] == 1 and load_ok(tmp_path)["step"] >= 5  # noqa: E731
+    caught_in_save = False
+    started = False
+    for name, moment in [("during a save", during_save)] * 5 + [("end of epoch 1", end_of_epoch_1),
+                                                                  ("inside epoch 2", inside_epoch_2)]:
+        if name == "during a save" and caught_in_save:
+            continue  # the signal can land just after the rename: try again until it lands inside a save
+        proc = popen(*(["--resume", *often] if started else [*RUN, *often]), "--data-dir", data,
+                     "--save-dir", tmp_path)
+        wait_for(moment, proc)
+        proc.kill()
+        proc.communicate()
+        started = True
+        assert proc.returncode == -signal.SIGKILL, name
+        if name == "during a save":
+            caught_in_save = any(tmp_path.glob(".last.pth.tmp*"))  # a temporary file that never became last.pth
+        ckpt = common.load_checkpoint(tmp_path / "last.pth")  # never half-written
+        assert "optimizer" in ckpt, name
+    assert caught_in_save, "no kill landed during a save in 5 tries"
+
+    proc = run_script("train.py", "--resume", "--data-dir", data, "--save-dir", tmp_path, check=True)
+    assert "done: best test accuracy" in proc.stdout
+    assert not list(tmp_path.glob(".*.tmp*"))  # leftovers of killed saves are cleaned up
+    assert_same_weights(load(tmp_path / "last.pth")["model"], straight["model"])
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # no epoch counted twice
+
+
+def load_ok(folder: Path) -> dict:
+    try:
+        return load(folder / "last.pth")
+    except Exception:  # being replaced right now: look again at the next poll
+        return {"epoch": -1, "step": -1}
+
+
+# --------------------------------------------------------------------------------------- divergence
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(data, tmp_path):
+    # Epoch 1 trains normally; epoch 2 multiplies the rate by 1e30, so the loss leaves the finite numbers.
+    proc = run_script("train.py", *TINY, "--epochs", "3", "--schedule", "step", "--step-epochs", "1",
+                      "--step-gamma", "1e30", "--data-dir", data, "--save-dir", tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]  # stderr also has the progress bar
+    assert len(errors) == 1 and "the loss became NaN or infinite at epoch 2, step" in errors[0]
+    last = load(tmp_path / "last.pth")
+    assert last["epoch"] == 1 and last["step"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert_same_weights(last["model"], load(tmp_path / "epoch_001.pth")["model"])
+    assert not (tmp_path / "epoch_002.pth").exists()
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    """A finished 1-epoch run, copied for each test that needs one."""
+    save = tmp_path_factory.mktemp("run")
+    run_script("train.py", *TINY, "--data-dir", data, "--save-dir", save, check=True)
+    return save
+
+
+@pytest.fixture
+def saved(run_dir, tmp_path):
+    copy = tmp_path / "save"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def call(main, prog: str, args, capsys) -> tuple[int, str]:
+    """Run a script's main() in this process as `prog args`; (exit code, stderr)."""
+    old = sys.argv
+    sys.argv = [prog, *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def test_script():
+    spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda: common.run_main(module.main)
+
+
+def crafted_pickle(path: Path, marker: Path, torch_format: bool) -> None:
+    """A checkpoint whose unpickling would create `marker`, in PyTorch's zip format or as a bare pickle."""
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    obj = {"model": Payload(), "config": {}, "classes": []}
+    if torch_format:
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+
+
+BAD_OPTIONS = [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["--ep", "3"], "unrecognized arguments: --ep"),                      # no silent abbreviations
+    (["--batch-size", "ten"], "argument --batch-size: invalid int value: 'ten'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--lr", "-0.1"], "--lr must be positive, got -0.1"),
+    (["--image-size", "28"], "--image-size must be at least 32"),
+    (["--depth", "12"], "unknown VGG depth 12"),
+    (["--width-div", "3"], "--width-div must divide 64"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cpu:1"], "--device cpu:1: this machine has 1 CPU device(s)"),
+    (["--amp", "fp8"], "unknown amp mode 'fp8'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_and_even_overwrite_keeps_the_old_run(args, message, saved, capsys):
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, *args], capsys)
+    assert code == 2
+    assert message in one_line(err)
+    assert digests(saved) == before
+
+
+def test_unavailable_device_is_one_line(saved, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda: no CUDA device is available" in one_line(err)
+    assert digests(saved) == before
+
+
+def test_missing_dataset_names_folder_and_files(saved, tmp_path, capsys):
+    before = digests(saved)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", empty, *TINY[:4]],
+                     capsys)
+    line = one_line(err)
+    assert code == 2 and str(empty) in line and "MNIST/raw/" in line
+    assert digests(saved) == before
+
+
+def test_existing_run_is_not_replaced_without_resume_or_overwrite(saved, data, capsys):
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--save-dir", saved, "--data-dir", data, *TINY], capsys)
+    assert code == 2 and "already holds a run: continue it with --resume" in one_line(err)
+    assert digests(saved) == before
+
+
+def test_save_folder_that_is_not_writable(data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # A path under a regular file can never be created, whoever runs the test (chmod does not stop root).
+    code, err = call(train.run, "train.py", ["--save-dir", blocker / "save", "--data-dir", data, *TINY], capsys)
+    assert code == 2 and f"cannot write to the save folder {blocker / 'save'}" in one_line(err)
+    assert blocker.read_text() == "not a folder"
+
+
+# What a user may put where last.pth (train.py --resume) or a checkpoint (test.py) should be.
+def _truncated(path: Path, good: Path, tmp: Path):
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+
+def _folder(path: Path, good: Path, tmp: Path):
+    path.mkdir()
+
+
+def _text(path: Path, good: Path, tmp: Path):
+    path.write_text("epoch,loss\n1,0.5\n")
+
+
+def _foreign_torch_file(path: Path, good: Path, tmp: Path):
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+def _other_architecture(path: Path, good: Path, tmp: Path):
+    ckpt = load(good)  # the config says width/16, the weights are those of a width/8 network
+    ckpt["model"] = common.build_model(dict(ckpt["config"], width_div=8), 10).state_dict()
+    torch.save(ckpt, path)
+
+
+def _other_class_count(path: Path, good: Path, tmp: Path):
+    ckpt = load(good)  # e.g. a 5-class folder-dataset run, resumed or tested on 10 classes
+    ckpt["model"] = common.build_model(ckpt["config"], 5).state_dict()
+    torch.save(ckpt, path)
+
+
+BAD_CHECKPOINTS = [
+    (_truncated, "is truncated or not a PyTorch checkpoint"),
+    (_folder, "is not a file"),
+    (_text, "is truncated or not a PyTorch checkpoint"),
+    (_foreign_torch_file, "is not a checkpoint written by train.py"),
+    (_other_architecture, "holds a different architecture: features.0.weight has shape (8, 3, 3, 3), "
+                          "expected (4, 3, 3, 3)"),
+    (_other_class_count, "was trained for 5 classes, but 10 are expected"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD_CHECKPOINTS, ids=[m.__name__[1:] for m, _ in BAD_CHECKPOINTS])
+def test_bad_checkpoint_for_resume(make, message, saved, data, tmp_path, capsys):
+    good = tmp_path / "good.pth"
+    shutil.move(saved / "last.pth", good)
+    make(saved / "last.pth", good, tmp_path)
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 2 and message in one_line(err)
+    assert digests(saved) == before
+
+
+def test_resume_from_a_weights_only_file(saved, data, capsys):
+    shutil.copy(saved / "epoch_001.pth", saved / "last.pth")
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 2 and "has no training state to resume from" in one_line(err)
+    assert digests(saved) == before
+
+
+@pytest.mark.parametrize("make,message", BAD_CHECKPOINTS, ids=[m.__name__[1:] for m, _ in BAD_CHECKPOINTS])
+def test_bad_checkpoint_for_test_script(make, message, saved, data, tmp_path, test_script, capsys):
+    path = tmp_path / "model.pth"
+    make(path, saved / "best.pth", tmp_path)
+    code, err = call(test_script, "test.py", ["--checkpoint", path, "--data-dir", data, "--device", "cpu"], capsys)
+    assert code == 2 and message in one_line(err)
+
+
+def test_missing_checkpoint_for_test_script(tmp_path, test_script, capsys):
+    code, err = call(test_script, "test.py", ["--checkpoint", tmp_path / "nope.pth"], capsys)
+    assert code == 2 and "does not exist (train first: python train.py)" in one_line(err)
+
+
+@pytest.mark.parametrize("torch_format", [True, False], ids=["torch-zip", "bare-pickle"])
+def test_crafted_pickle_never_runs(torch_format, saved, data, tmp_path, test_script, capsys):
+    marker = tmp_path / "payload-ran"
+    crafted_pickle(saved / "last.pth", marker, torch_format)
+    with pytest.raises(FileExistsError):  # the payload is real: an unrestricted unpickler runs it
+        crafted_pickle(tmp_path / "probe.pth", tmp_path, torch_format=False)
+        pickle.loads((tmp_path / "probe.pth").read_bytes())
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 2 and "refusing to load it (weights_only=True)" in one_line(err)
+    code, err = call(test_script, "test.py", ["--checkpoint", saved / "last.pth"], capsys)
+    assert code == 2 and "refusing to load it" in one_line(err)
+    assert not marker.exists()
+    assert digests(saved) == before
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    """The in-process checks above, confirmed once end to end for each script."""
+    proc = run_script("train.py", "--batch-size", "0", "--save-dir", tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "train.py: error: --batch-size must be at least 1, got 0\n"
+    proc = run_script("test.py", "--checkpoint", tmp_path)
+    assert proc.returncode == 2 and proc.stderr == f"test.py: error: checkpoint {tmp_path} is not a file\n"
+
+
+# ----------------------------------------------------------------------------------------- disk full
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(saved, monkeypatch):
+    """ENOSPC in the middle of writing: a clear message, the old file intact, no temporary file left."""
+    path = saved / "last.pth"
+    before = path.read_bytes()
+
+    def half_then_full(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(common.UserError, match="the disk is full; the previous checkpoint is unchanged"):
+        common.save_checkpoint({"model": {}}, path)
+    assert path.read_bytes() == before
+    assert not list(saved.glob(".*tmp*"))
+
+
+def test_file_size_limit_reached_while_training_saves(saved, data):
+    """A real train.py whose writes fail part-way (RLIMIT_FSIZE, as on a nearly full disk):
+    it stops with one line, exit 2, and last.pth is the previous one, byte for byte."""
+    last = saved / "last.pth"
+    before = last.read_bytes()
+    limit = len(before) // 2
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--epochs", "2", "--data-dir",
+                           str(data), "--save-dir", str(saved)], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=limit_writes, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "could not write" in error[0] and "the previous checkpoint is unchanged" in error[0]
+    assert last.read_bytes() == before
+    assert not list(saved.glob(".*tmp*"))
