@@ -6,6 +6,7 @@ turns into one line on stderr and exit code 2.
 
 import argparse
 import errno
+import math
 import os
 import pickle
 import sys
@@ -260,11 +261,9 @@ class DeviceImages:
         return x.contiguous(memory_format=torch.channels_last)
 
     def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
-                generator: torch.Generator | None = None):
-        """Yield (images, labels) for `indices` in order, `batch_size` at a time."""
-        indices = indices.to(self.device)
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start:start + batch_size]
+                generator: torch.Generator | None = None, steps: int | None = None):
+        """Yield (images, labels) for `indices` in order, `batch_size` at a time (see split_batches)."""
+        for idx in split_batches(indices.to(self.device), batch_size, steps):
             yield self.preprocess(self.images[idx], augment, generator), self.labels[idx]
 
     def raw(self, i: int):
@@ -299,17 +298,16 @@ class FolderImages:
         return len(self.eval_set)
 
     def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
-                generator: torch.Generator | None = None):
-        key = (augment, batch_size)
-        if key not in self._loaders:  # built once, so persistent workers stay alive across epochs
-            sampler = _IndexSampler()
+                generator: torch.Generator | None = None, steps: int | None = None):
+        if augment not in self._loaders:  # built once, so persistent workers stay alive across epochs
+            sampler = _BatchSampler()
             loader = torch.utils.data.DataLoader(
-                self.train_set if augment else self.eval_set, batch_size=batch_size, sampler=sampler,
+                self.train_set if augment else self.eval_set, batch_sampler=sampler,
                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
                 persistent_workers=self.workers > 0)
-            self._loaders[key] = (loader, sampler)
-        loader, sampler = self._loaders[key]
-        sampler.indices = indices.tolist()
+            self._loaders[augment] = (loader, sampler)
+        loader, sampler = self._loaders[augment]
+        sampler.batches = [b.tolist() for b in split_batches(indices, batch_size, steps)]
         if generator is not None:  # seeds the workers' augmentation from the run's own generator
             loader.generator = torch.Generator().manual_seed(
                 int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
@@ -323,17 +321,17 @@ class FolderImages:
             return _rgb(im)
 
 
-class _IndexSampler(torch.utils.data.Sampler):
-    """Yields whatever indices were set last: the epoch's shuffled shard for this process."""
+class _BatchSampler(torch.utils.data.Sampler):
+    """Yields whatever batches of indices were set last: the epoch's shuffled shard for this process."""
 
     def __init__(self):
-        self.indices: list[int] = []
+        self.batches: list[list[int]] = []
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter(self.batches)
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.batches)
 
 
 def _rgb(img):
@@ -374,6 +372,21 @@ def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) 
     (seeded by seed and epoch), so the shards are disjoint and together cover all n samples."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)[rank::world]
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps in an epoch, the same on every process: the shards differ by at most one
+    sample, and counting from the shortest keeps a process from stepping alone (its gradient
+    all-reduce would wait forever); a longer shard's extra sample joins its last batch."""
+    return math.ceil((n // world) / batch_size)
+
+
+def split_batches(indices: torch.Tensor, batch_size: int, steps: int | None = None) -> list[torch.Tensor]:
+    """`indices` cut into batches of batch_size; with `steps`, exactly that many, the last one taking the rest."""
+    if steps is None:
+        return list(indices.split(batch_size))
+    bounds = [i * batch_size for i in range(steps)] + [len(indices)]
+    return [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # ------------------------------------------------------------------------------------------------ model

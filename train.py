@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -230,6 +229,11 @@ def main() -> None:
     # ---- device, precision, processes
     device = common.pick_device(c["device"], local_rank)
     if distributed:
+        if ":" in c["device"]:
+            raise UserError(f"--device {c['device']}: under torchrun each process takes the device of its "
+                            "LOCAL_RANK; use --device cuda, npu or cpu (or auto)")
+        if device.type == "mps":
+            raise UserError("torchrun runs on CUDA, NPU or CPU devices (not Apple MPS): use --device cpu")
         if device.type in ("cuda", "npu"):
             count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()
             if local_rank >= count:
@@ -250,7 +254,9 @@ def main() -> None:
     test_data = common.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     augment = common.augment_enabled(c)
-    steps_per_epoch = math.ceil(math.ceil(len(train_data) / world) / c["batch_size"])
+    if len(train_data) < world:
+        raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} processes")
+    steps_per_epoch = common.steps_per_epoch(len(train_data), c["batch_size"], world)
 
     # ---- model and optimizer (same seed on every process: identical initial weights)
     torch.manual_seed(c["seed"])
@@ -260,7 +266,7 @@ def main() -> None:
     optimizer = make_optimizer(model, c)
     scheduler = make_scheduler(optimizer, c, steps_per_epoch)
     start_epoch, start_step, best_acc = 0, 0, 0.0
-    partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch in progress (for a mid-epoch resume)
+    partial = [0.0, 0.0, 0.0]  # this process's loss sum, correct, images of the epoch before a mid-epoch resume
     torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
     aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
     if ckpt is not None:
@@ -269,13 +275,21 @@ def main() -> None:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
-        if world == ckpt.get("world", 1):  # the random streams go on where they were (dropout, augmentation)
+        if master:  # the checkpoint holds the epoch's sums over all processes
+            partial = ckpt["partial"]
+        ckpt_world = ckpt.get("world", 1)
+        if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
             torch.set_rng_state(ckpt["rng"][rank]["torch"])
             aug_gen.set_state(ckpt["rng"][rank]["aug"])
-            partial = ckpt["partial"]
-        elif start_step:
-            log(f"resume: the run had {ckpt.get('world', 1)} processes and now has {world}: "
-                "the rest of the epoch is re-sharded and the random streams start afresh")
+        else:
+            # Fewer or more processes mean more or fewer steps per epoch: go on from the same share of
+            # the epoch, and put the schedule at the matching step.
+            start_step = min(steps_per_epoch, start_step * ckpt_world // world)
+            scheduler.last_epoch = start_epoch * steps_per_epoch + start_step
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule is rescaled"
+                f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
         log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
     ckpt_epoch = None if ckpt is None else ckpt["epoch"]
     del ckpt
@@ -292,9 +306,11 @@ def main() -> None:
 
     def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
         """The full training state. epoch/step: epochs completed, and steps done in the next one;
-        partial: this process's loss sum, correct count and images so far in that epoch."""
+        partial: this process's loss sum, correct count and images so far in that epoch (summed here
+        over all processes). Every process must call this: it gathers their random states."""
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} (the weights are no longer finite)")
+        partial = sum_across(partial, device, distributed)
         rng = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
         rngs = [None] * world
         if distributed:
@@ -317,15 +333,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
     # Every process must take the same decision at the same step, since saving gathers all of their
-    # random states. A plain run decides at every step; processes agree at log steps, where all of
-    # them still have a batch, so one small all-reduce per LOG_EVERY steps is the whole cost.
-    full_steps = (len(train_data) // world) // c["batch_size"]
-
+    # random states. A plain run decides at every step; processes agree at log steps, so one small
+    # all-reduce per LOG_EVERY steps is the whole cost.
     def stop_or_save(step: int) -> tuple[bool, bool]:
         save_due = c["save_every_minutes"] > 0 and time.monotonic() - last_save >= 60 * c["save_every_minutes"]
         if not distributed:
             return stop["signal"] is not None, save_due
-        if step % c["log_every"] or step > full_steps:
+        if step % c["log_every"]:
             return False, False
         flags = torch.tensor([stop["signal"] or 0, int(save_due)], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -346,7 +360,8 @@ def main() -> None:
         if start_step == 0:
             aug_gen.manual_seed(c["seed"] * 1_000_003 + epoch * 1_009 + rank)
             partial = [0.0, 0.0, 0.0]
-        batches = train_data.batches(indices[start_step * c["batch_size"]:], c["batch_size"], augment, aug_gen)
+        batches = train_data.batches(indices[start_step * c["batch_size"]:], c["batch_size"], augment, aug_gen,
+                                     steps=steps_per_epoch - start_step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
@@ -355,44 +370,43 @@ def main() -> None:
                    disable=not master, dynamic_ncols=True, leave=False)
         t_log, seen_log = time.perf_counter(), 0
         step = start_step
-        with model.join() if distributed else nullcontext():  # the last shard may be one batch shorter
-            for x, y in batches:
-                with common.autocast(device, amp):
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits, y)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                # Running sums stay on the device: no host sync until a log step.
-                loss_sum += loss.detach().double() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-                seen += len(y)
-                step += 1
-                bar.update()
-                stopping, save_now = stop_or_save(step)
-                if step % c["log_every"] == 0 or save_now or stopping:
-                    if int(first_bad) >= 0:
-                        raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
-                    now = time.perf_counter()
-                    done = seen + partial[2]
-                    bar.set_postfix(loss=f"{(float(loss_sum) + partial[0]) / done:.4f}",
-                                    acc=f"{(int(correct) + partial[1]) / done:.2%}",
-                                    img_s=f"{(seen - seen_log) * world / (now - t_log):.0f}")
-                    t_log, seen_log = now, seen
-                if save_now or stopping:
-                    state = checkpoint(epoch, step, [partial[0] + float(loss_sum), partial[1] + int(correct),
-                                                     partial[2] + seen])
-                    if master:
-                        common.save_checkpoint(state, last_path)
-                    last_save = time.monotonic()
-                    if stopping:
-                        bar.close()
-                        log(f"stopped by {signal.Signals(stop['signal']).name} at epoch {epoch + 1}, step {step}; "
-                            f"saved {last_path}; continue with: python train.py --resume", file=sys.stderr)
-                        sys.exit(128 + stop["signal"])
+        for x, y in batches:
+            with common.autocast(device, amp):
+                logits = train_model(x)
+                loss = F.cross_entropy(logits, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            # Running sums stay on the device: no host sync until a log step.
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            seen += len(y)
+            step += 1
+            bar.update()
+            stopping, save_now = stop_or_save(step)
+            if step % c["log_every"] == 0 or save_now or stopping:
+                if int(first_bad) >= 0:
+                    raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
+                now = time.perf_counter()
+                done = seen + partial[2]
+                bar.set_postfix(loss=f"{(float(loss_sum) + partial[0]) / done:.4f}",
+                                acc=f"{(int(correct) + partial[1]) / done:.2%}",
+                                img_s=f"{(seen - seen_log) * world / (now - t_log):.0f}")
+                t_log, seen_log = now, seen
+            if save_now or stopping:
+                state = checkpoint(epoch, step, [partial[0] + float(loss_sum), partial[1] + int(correct),
+                                                 partial[2] + seen])
+                if master:
+                    common.save_checkpoint(state, last_path)
+                last_save = time.monotonic()
+                if stopping:
+                    bar.close()
+                    log(f"stopped by {signal.Signals(stop['signal']).name} at epoch {epoch + 1}, step {step}; "
+                        f"saved {last_path}; continue with: python train.py --resume", file=sys.stderr)
+                    sys.exit(128 + stop["signal"])
         bar.close()
         if int(first_bad) >= 0:
             raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
@@ -401,6 +415,9 @@ def main() -> None:
         # ---- end of epoch: totals over the whole split, test accuracy, checkpoints
         train_loss, train_correct, train_seen = sum_across(
             [partial[0] + float(loss_sum), partial[1] + int(correct), partial[2] + seen], device, distributed)
+        if distributed:  # each process's BatchNorm statistics saw only its own batches: take rank 0's, as
+            for buf in raw_model.buffers():  # DDP does before each forward, so all evaluate (and save) one model
+                dist.broadcast(buf, 0)
         test_loss, test_acc = evaluate(raw_model, test_data, 2 * c["batch_size"], device, amp, rank, world)
         seconds = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]

@@ -1,0 +1,201 @@
+"""Data-parallel training: train.py launched by torchrun with 2 CPU processes (gloo) on a small on-disk MNIST.
+
+The training set has 257 images, an odd number, so one process's shard is one image longer than the
+other's: both must still take the same number of steps. A small launcher runs train.py in each process
+and records, from the outside, the shards each process trained on and the weights it ended with.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import train
+from conftest import ROOT, TINY, make_mnist, run_script
+
+N_TRAIN, N_TEST = 257, 101
+# A step schedule does not depend on the number of epochs, so 1 epoch + --resume --epochs 2 can be
+# compared with 2 straight epochs.
+RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5"]
+
+LAUNCHER = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+import common, train
+
+rank, out = os.environ["RANK"], {out!r}
+shards, batches, final = [], [], {{}}
+
+def shard_indices(n, seed, epoch, rank=0, world=1):
+    idx = real_shard(n, seed, epoch, rank, world)
+    shards.append({{"epoch": epoch, "world": world, "indices": idx.tolist()}})
+    return idx
+
+def split_batches(indices, batch_size, steps=None):
+    parts = real_split(indices, batch_size, steps)
+    if steps is not None:  # training batches (evaluation passes no steps)
+        batches.append([len(p) for p in parts])
+    return parts
+
+def evaluate(model, *args, **kwargs):
+    result = real_evaluate(model, *args, **kwargs)
+    final["model"], final["result"] = model, result
+    return result
+
+real_shard, real_split, real_evaluate = common.shard_indices, common.split_batches, train.evaluate
+common.shard_indices, common.split_batches, train.evaluate = shard_indices, split_batches, evaluate
+sys.argv = ["train.py", *sys.argv[1:]]
+train.run()
+torch.save({{k: v.clone() for k, v in final["model"].state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
+with open(f"{{out}}/record{{rank}}.json", "w") as f:
+    json.dump({{"shards": shards, "batches": batches, "result": final["result"]}}, f)
+"""
+
+
+def torchrun(tmp: Path, *args, nproc: int = 2, record: bool = True) -> subprocess.CompletedProcess:
+    """Launch train.py (through the recording launcher when `record`) on `nproc` CPU processes."""
+    script = ROOT / "train.py"
+    if record:
+        script = tmp / "launcher.py"
+        script.write_text(LAUNCHER.format(root=str(ROOT), out=str(tmp)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Two epochs on 2 processes, recorded."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = make_mnist(tmp / "data", n_train=N_TRAIN, n_test=N_TEST)
+    proc = ok(torchrun(tmp, *RUN, "--data-dir", data, "--save-dir", tmp / "save"))
+    records = [json.loads((tmp / f"record{r}.json").read_text()) for r in range(2)]
+    return tmp, data, proc, records
+
+
+def test_both_processes_end_with_identical_weights(ddp_run):
+    tmp, _, _, _ = ddp_run
+    w0, w1 = load(tmp / "weights0.pt"), load(tmp / "weights1.pt")
+    assert same_weights(w0, w1)  # parameters and BatchNorm statistics
+    initial = common.build_model(load(tmp / "save" / "last.pth")["config"], 10).state_dict()
+    assert not same_weights(w0, initial)  # they trained
+
+
+def test_shards_are_disjoint_cover_the_split_and_change_every_epoch(ddp_run):
+    _, _, _, records = ddp_run
+    per_epoch = []
+    for epoch in range(2):
+        s0, s1 = ([s["indices"] for s in rec["shards"] if s["epoch"] == epoch] for rec in records)
+        assert len(s0) == len(s1) == 1 and records[0]["shards"][0]["world"] == 2
+        s0, s1 = s0[0], s1[0]
+        assert not set(s0) & set(s1)
+        assert sorted(s0 + s1) == list(range(N_TRAIN))
+        per_epoch.append((s0, s1))
+    assert per_epoch[0][0] != per_epoch[1][0] and set(per_epoch[0][0]) != set(per_epoch[1][0])
+    # 257 images = 129 + 128: the same 4 steps on both processes, the odd image in rank 0's last batch.
+    assert records[0]["batches"] == [[32, 32, 32, 33]] * 2
+    assert records[1]["batches"] == [[32, 32, 32, 32]] * 2
+
+
+@pytest.mark.parametrize("n, world", [(257, 2), (100, 3), (7, 3), (64, 2)])
+def test_shards_and_steps_for_several_sizes(n, world):
+    steps = common.steps_per_epoch(n, 32, world)
+    shards = [common.shard_indices(n, 0, 5, r, world) for r in range(world)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(n))
+    for shard in shards:
+        parts = common.split_batches(shard, 32, steps)
+        assert len(parts) == steps and all(len(p) > 0 for p in parts)
+        assert torch.equal(torch.cat(parts), shard)
+    assert not torch.equal(shards[0], common.shard_indices(n, 0, 6, 0, world))
+
+
+def test_only_rank_0_reports_and_the_reduced_test_accuracy_covers_the_split_once(ddp_run):
+    tmp, data, proc, records = ddp_run
+    assert len(re.findall(r"^epoch 2/2: train loss", proc.stdout, re.M)) == 1
+    assert "x 2 processes" in proc.stdout
+    r0, r1 = records[0]["result"], records[1]["result"]
+    assert r0 == r1  # after the all-reduce every process has the totals
+    printed = float(re.search(r"^epoch 2/2: .*test loss [\d.]+ acc ([\d.]+)%", proc.stdout, re.M).group(1))
+    assert printed == pytest.approx(100 * r0[1], abs=0.005)
+
+    # One process, the saved checkpoint, the whole test split.
+    ckpt = load(tmp / "save" / "last.pth")
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["world"] == 2 and ckpt["epoch"] == 2
+    assert same_weights(ckpt["model"], load(tmp / "weights0.pt"))
+    c = dict(ckpt["config"], data_dir=str(data))
+    model = common.build_model(c, 10)
+    model.load_state_dict(ckpt["model"])
+    test_data = common.load_split(c, False, torch.device("cpu"))
+    loss, acc = train.evaluate(model, test_data, 64, torch.device("cpu"), None)
+    assert acc == r0[1]  # correct / N_TEST: the same count of correct images
+    assert loss == pytest.approx(r0[0], rel=1e-5)
+
+    rows = (tmp / "save" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and float(rows[2].split(",")[4]) == pytest.approx(r0[1], abs=1e-6)
+
+
+def test_test_script_loads_the_checkpoint(ddp_run):
+    tmp, data, _, _ = ddp_run
+    proc = run_script("test.py", "--checkpoint", tmp / "save" / "last.pth", "--data-dir", data, "--device", "cpu",
+                      "--grid", "0", check=True)
+    assert re.search(r'^Predicted: "\d", Actual: "\d"$', proc.stdout, re.M)
+    assert re.search(rf"test accuracy: \d+/{N_TEST} = [\d.]+%", proc.stdout)
+
+
+def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_run, tmp_path):
+    straight, data, _, _ = ddp_run
+    save, single = tmp_path / "save", tmp_path / "single"
+    ok(torchrun(tmp_path, *RUN, "--epochs", "1", "--data-dir", data, "--save-dir", save, record=False))
+    single.mkdir()
+    for name in ("last.pth", "metrics.csv"):
+        (single / name).write_bytes((save / name).read_bytes())
+
+    ok(torchrun(tmp_path, *RUN, "--resume", "--data-dir", data, "--save-dir", save, record=False))
+    resumed = load(save / "last.pth")
+    assert resumed["epoch"] == 2
+    assert same_weights(resumed["model"], load(straight / "save" / "last.pth")["model"])
+
+    # The same 1-epoch checkpoint continued by one process: the schedule follows its step count
+    # (8 steps an epoch instead of 4), so the second epoch runs at the step schedule's second rate.
+    proc = run_script("train.py", *RUN, "--resume", "--data-dir", data, "--save-dir", single, check=True)
+    assert "had 2 process(es) and now has 1: the schedule is rescaled" in proc.stdout
+    ckpt = load(single / "last.pth")
+    assert ckpt["epoch"] == 2 and ckpt["world"] == 1
+    assert ckpt["scheduler"]["last_epoch"] == 2 * common.steps_per_epoch(N_TRAIN, 32)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5 ** 2)  # after its last step
+    assert len((single / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_inconsistent_launches_are_one_line_errors(tmp_path):
+    data = make_mnist(tmp_path / "data", n_train=1, n_test=8)
+    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save", record=False)
+    assert proc.returncode != 0
+    assert "train.py: error: the training set has 1 images, fewer than the 2 processes" in proc.stderr
+    proc = torchrun(tmp_path, *TINY, "--device", "cpu:0", "--data-dir", data, "--save-dir", tmp_path / "save",
+                    record=False)
+    assert proc.returncode != 0
+    assert "train.py: error: --device cpu:0: under torchrun each process takes the device of its LOCAL_RANK" in proc.stderr
+    for ours in ("train.py", "common.py"):  # torchrun reports the failure its way; ours is the one line
+        assert f'File "{ROOT / ours}"' not in proc.stderr
