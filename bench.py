@@ -343,7 +343,11 @@ def pipeline_tutorial(args, device, amp, synthetic_size):
         return vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
 
     torch.manual_seed(SEED)
-    model = build().to(device)
+    return batches(), fp32_step(build().to(device)), build
+
+
+def fp32_step(model: nn.Module):
+    """The plain training step of (b) and (c): fp32, zero_grad() keeping the gradient tensors."""
     optimizer = sgd(model)
     criterion = nn.CrossEntropyLoss()
 
@@ -353,7 +357,7 @@ def pipeline_tutorial(args, device, amp, synthetic_size):
         loss.backward()
         optimizer.step()
 
-    return batches(), step, build
+    return step
 
 
 def torchvision_vgg16(batch_norm: bool, width_div: int) -> nn.Module:
@@ -391,17 +395,7 @@ def pipeline_torchvision(args, device, amp, synthetic_size):
         return torchvision_vgg16(args.batch_norm, args.width_div)
 
     torch.manual_seed(SEED)
-    model = build().to(device)
-    optimizer = sgd(model)
-    criterion = nn.CrossEntropyLoss()
-
-    def step(x, y):
-        loss = criterion(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return batches, step, build
+    return batches, fp32_step(build().to(device)), build
 
 
 PIPELINES = [

@@ -375,6 +375,7 @@ def test_missing_checkpoint_for_test_script(tmp_path, test_script, capsys):
 
 
 @pytest.mark.parametrize("torch_format", [True, False], ids=["torch-zip", "bare-pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the bare pickle; it is refused anyway
 def test_crafted_pickle_never_runs(torch_format, saved, data, tmp_path, test_script, capsys):
     marker = tmp_path / "payload-ran"
     crafted_pickle(saved / "last.pth", marker, torch_format)
