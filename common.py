@@ -299,18 +299,21 @@ class FolderImages:
 
     def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None):
+        """Yield (images, labels) for `indices` in order (see split_batches). The augmentation of image i
+        is seeded by (generator's seed, i): it does not depend on which worker loads it or when, so
+        a resumed run sees the same crops and flips as an uninterrupted one."""
         if augment not in self._loaders:  # built once, so persistent workers stay alive across epochs
             sampler = _BatchSampler()
             loader = torch.utils.data.DataLoader(
-                self.train_set if augment else self.eval_set, batch_sampler=sampler,
+                _SeededItems(self.train_set if augment else self.eval_set), batch_sampler=sampler,
                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                persistent_workers=self.workers > 0)
+                persistent_workers=self.workers > 0,
+                generator=torch.Generator())  # else each epoch's iterator draws from the dropout stream
             self._loaders[augment] = (loader, sampler)
         loader, sampler = self._loaders[augment]
-        sampler.batches = [b.tolist() for b in split_batches(indices, batch_size, steps)]
-        if generator is not None:  # seeds the workers' augmentation from the run's own generator
-            loader.generator = torch.Generator().manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+        base = generator.initial_seed() if augment and generator is not None else None
+        sampler.batches = [[(i, None if base is None else (base * 1_000_003 + i) % 2**63) for i in b.tolist()]
+                           for b in split_batches(indices, batch_size, steps)]
         for x, y in loader:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
@@ -319,6 +322,24 @@ class FolderImages:
         from PIL import Image
         with Image.open(self.eval_set.samples[i][0]) as im:
             return _rgb(im)
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Item (i, seed): sample i of `dataset`, its random transforms seeded by `seed` (None: unseeded)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, seed = key
+        if seed is None:
+            return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # leaves the process's own stream (dropout) untouched
+            torch.manual_seed(seed)
+            return self.dataset[i]
 
 
 class _BatchSampler(torch.utils.data.Sampler):

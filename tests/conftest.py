@@ -69,6 +69,24 @@ def make_cifar(root: Path, n_per_batch: int = 20, n_test: int = 40, seed: int = 
     return root
 
 
+def make_folder(root: Path, n_train: int = 60, n_test: int = 30, classes=("cat", "dog", "ship"), seed: int = 0) -> Path:
+    """Your own images as the `folder` dataset expects them: root/{train,test}/CLASS/*.png, in mixed
+    sizes and modes (RGB, grey, RGBA), each class a learnable colour patch on noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            k = i % len(classes)
+            h, w = rng.integers(24, 64, 2)
+            img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+            img[h // 4:h // 2, :, k % 3] = 255
+            folder = root / split / classes[k]
+            folder.mkdir(parents=True, exist_ok=True)
+            mode = ("RGB", "L", "RGBA")[i % 3]
+            Image.fromarray(img).convert(mode).save(folder / f"{i:04d}.png")
+    return root
+
+
 @pytest.fixture
 def cifar_ok(monkeypatch):
     """Let torchvision's CIFAR10 accept the hand-made batches (their MD5s cannot match the official ones)."""

@@ -1,5 +1,6 @@
 """The device-side data pipeline (common.DeviceImages) against torchvision's transforms, its augmentation,
-and mixed-precision training, on small datasets written in MNIST's and CIFAR-10's real on-disk formats."""
+the DataLoader path of the folder dataset, and mixed-precision training, on small datasets written in
+MNIST's and CIFAR-10's real on-disk formats and as image files."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
 import common
-from conftest import make_cifar, make_mnist
+from conftest import make_cifar, make_folder, make_mnist
 from net import vgg
 
 CPU = torch.device("cpu")
@@ -195,3 +196,28 @@ def test_bf16_autocast_training_lowers_the_loss(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     assert fixed_loss() < before - 0.5  # eval mode: BatchNorm running statistics, no dropout
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_batches_follow_the_indices_and_the_step_count(tmp_path, workers):
+    """The folder dataset goes through a DataLoader: its batches must hold exactly the images asked for,
+    in order, cut as split_batches cuts them (what train.py relies on for shards and resume)."""
+    root = make_folder(tmp_path, n_train=13, n_test=3)
+    mean, std = common.STATS["folder"]
+    data = common.FolderImages(root / "train", None, mean, std, 32, CPU, workers)
+    assert data.classes == ["cat", "dog", "ship"] and len(data) == 13
+    indices = common.shard_indices(len(data), seed=0, epoch=1)
+    got = list(data.batches(indices, 4, steps=3))
+    assert [len(y) for _, y in got] == [4, 4, 5]  # the 13th image joins the last batch
+    assert torch.equal(torch.cat([y for _, y in got]), data.labels[indices])
+    expected = torch.stack([data.eval_set[i][0] for i in indices.tolist()])
+    assert torch.equal(torch.cat([x for x, _ in got]), expected)
+    assert got[0][0].shape == (4, 3, 32, 32)
+    # Augmented batches: same labels, other pixels, repeatable with the same generator.
+    aug = [list(data.batches(indices, 4, True, torch.Generator().manual_seed(s), steps=3)) for s in (1, 1, 2)]
+    assert torch.equal(torch.cat([y for _, y in aug[0]]), data.labels[indices])
+    assert torch.equal(torch.cat([x for x, _ in aug[0]]), torch.cat([x for x, _ in aug[1]]))
+    assert not torch.equal(torch.cat([x for x, _ in aug[0]]), torch.cat([x for x, _ in aug[2]]))
+    # An image's crop and flip do not depend on the batch it is in: what a resumed epoch relies on.
+    tail = list(data.batches(indices[4:], 4, True, torch.Generator().manual_seed(1), steps=2))
+    assert torch.equal(torch.cat([x for x, _ in tail]), torch.cat([x for x, _ in aug[0][1:]]))

@@ -23,7 +23,7 @@ import torch
 
 import common
 import train
-from conftest import ROOT, TINY, make_mnist, run_script
+from conftest import ROOT, TINY, make_folder, make_mnist, run_script
 
 # Two epochs with a step schedule: a run of 1 epoch extended by --resume --epochs 2 follows the same
 # learning rates as a straight 2-epoch run (a cosine schedule's shape depends on the number of epochs).
@@ -113,6 +113,23 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(data, straight, tmp_path):
     # the epoch's loss and accuracy are summed over the whole split, across the interruption
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_own_image_folders_with_augmentation_resume_exactly(tmp_path):
+    """The folder dataset: DataLoader workers and random crops/flips (on by default for folders).
+    SIGTERM inside epoch 2, then --resume, gives the weights of an uninterrupted run."""
+    folder = make_folder(tmp_path / "data", n_train=192, n_test=30)
+    run = [*RUN, "--dataset", "folder", "--batch-size", "16", "--workers", "2", "--data-dir", folder]
+    run_script("train.py", *run, "--save-dir", tmp_path / "straight", check=True)
+    save = tmp_path / "stopped"
+    proc = popen(*run, "--save-dir", save)
+    wait_for(lambda: (save / "epoch_001.pth").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert 0 < load(save / "last.pth")["step"] < 12
+    run_script("train.py", "--resume", "--data-dir", folder, "--save-dir", save, check=True)
+    assert_same_weights(load(save / "last.pth")["model"], load(tmp_path / "straight" / "last.pth")["model"])
 
 
 def test_ctrl_c_is_handled_like_sigterm(data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 import common
 import train
-from conftest import REAL_DATA, TINY, make_mnist, run_script
+from conftest import REAL_DATA, TINY, make_folder, make_mnist, run_script
 
 
 def load(path):
@@ -94,6 +94,21 @@ def test_same_seed_same_weights(tmp_path, mnist_root):
         runs.append(load(tmp_path / name / "last.pth")["model"])
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_own_image_folders_train_and_test_py_reads_them(tmp_path):
+    """--dataset folder: train/ and test/ of class folders, read through DataLoader workers."""
+    data = make_folder(tmp_path / "data", n_train=60, n_test=30)
+    save = tmp_path / "save"
+    run_script("train.py", *TINY, "--dataset", "folder", "--batch-size", "16", "--workers", "2", "--data-dir", data,
+               "--save-dir", save, check=True)
+    last = load(save / "last.pth")
+    assert last["classes"] == ["cat", "dog", "ship"] and last["epoch"] == 1
+    assert last["scheduler"]["last_epoch"] == 4  # 60 images, batch 16
+    proc = run_script("test.py", "--checkpoint", save / "last.pth", "--data-dir", data, "--show", "3",
+                      "--device", "cpu", check=True)
+    assert re.search(r'^Predicted: "(cat|dog|ship)", Actual: "cat"$', proc.stdout, re.M)
+    assert re.search(r"^test accuracy: \d+/30 = [\d.]+%$", proc.stdout, re.M)
 
 
 def test_help_lists_every_constant():
