@@ -199,3 +199,19 @@ def test_inconsistent_launches_are_one_line_errors(tmp_path):
     assert "train.py: error: --device cpu:0: under torchrun each process takes the device of its LOCAL_RANK" in proc.stderr
     for ours in ("train.py", "common.py"):  # torchrun reports the failure its way; ours is the one line
         assert f'File "{ROOT / ours}"' not in proc.stderr
+
+
+def test_more_processes_than_gpus_on_a_node_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """What rank 1 of `torchrun --nproc_per_node=2` sees on a machine with one GPU (CUDA faked here,
+    the check comes before any CUDA call)."""
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--device", "cuda", "--save-dir", str(tmp_path / "save"),
+                                      "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        train.run()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("train.py: error: torchrun started 2 processes on this node but it has 1 "
+                                       "CUDA device(s): use --nproc_per_node=1\n")
