@@ -266,7 +266,7 @@ def main() -> None:
     optimizer = make_optimizer(model, c)
     scheduler = make_scheduler(optimizer, c, steps_per_epoch)
     start_epoch, start_step, best_acc = 0, 0, 0.0
-    partial = [0.0, 0.0, 0.0]  # this process's loss sum, correct, images of the epoch before a mid-epoch resume
+    partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch before a mid-epoch resume (rank 0: all processes')
     torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
     aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
     if ckpt is not None:
