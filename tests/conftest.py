@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -103,6 +104,16 @@ def mnist_root(tmp_path) -> Path:
 # Small, fast settings for the scripts: a VGG16 at 1/16 width on 32 px images.
 TINY = ["--image-size", "32", "--width-div", "16", "--batch-size", "32", "--epochs", "1", "--device", "cpu",
         "--log-every", "2", "--lr", "0.05"]
+
+
+def load(path) -> dict:
+    """A checkpoint, loaded as test.py and train.py load it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weight_differences(a: dict, b: dict) -> list[str]:
+    """Names of the tensors that differ between two state dicts, or are in only one of them."""
+    return sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]
 
 
 def run_script(script: str, *args, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:

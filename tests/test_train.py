@@ -7,11 +7,7 @@ import torch
 
 import common
 import train
-from conftest import REAL_DATA, TINY, make_folder, make_mnist, run_script
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from conftest import REAL_DATA, TINY, load, make_folder, make_mnist, run_script, weight_differences
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +88,7 @@ def test_same_seed_same_weights(tmp_path, mnist_root):
     for name in ("a", "b"):
         run_script("train.py", *TINY, "--data-dir", mnist_root, "--save-dir", tmp_path / name, check=True)
         runs.append(load(tmp_path / name / "last.pth")["model"])
-    for k in runs[0]:
-        assert torch.equal(runs[0][k], runs[1][k]), k
+    assert not weight_differences(runs[0], runs[1])
 
 
 def test_own_image_folders_train_and_test_py_reads_them(tmp_path):
