@@ -155,24 +155,37 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
 
 
 def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32.
+    """The autocast dtype, or None for full fp32 (see amp_choice for the reason)."""
+    return amp_choice(device, mode)[0]
 
-    auto: bf16 where the hardware has it (CUDA Ampere and newer, Ascend 910B, CPUs with AVX512-BF16/AMX:
-    on a 2-core Xeon, VGG16 at 32 px trains 1.2-1.3x faster in bf16), fp16 on older GPUs, fp32 elsewhere.
+
+def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why), for the header line of a run.
+
+    auto: bf16 on NVIDIA GPUs of compute capability 8.0 and newer (Ampere) and on NPUs with bf16
+    (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer is_bf16_supported()
+    with True, but emulate bf16 in slow kernels); bf16 on CPUs with AMX; fp32 elsewhere. A CPU with
+    AVX512-BF16 but no AMX trains VGG16 slower in bf16 than in fp32 (measured on a 2-core Xeon).
     """
     if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16":
-        return torch.float16
+        return None, "--amp off"
+    if mode in ("bf16", "fp16"):
+        return (torch.bfloat16 if mode == "bf16" else torch.float16), f"--amp {mode}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return torch.bfloat16, f"auto: compute capability {major}.{minor}"
+        return torch.float16, f"auto: compute capability {major}.{minor} has no fast bf16"
     if device.type == "npu":
-        return torch.bfloat16 if torch.npu.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
-        return torch.bfloat16
-    return None
+        if torch.npu.is_bf16_supported():
+            return torch.bfloat16, "auto: this NPU has bf16"
+        return torch.float16, "auto: this NPU has no bf16"
+    if device.type == "cpu":
+        has_amx = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()
+        if has_amx:
+            return torch.bfloat16, "auto: this CPU has AMX"
+        return None, "auto: this CPU has no AMX"
+    return None, f"auto: fp32 on {device.type.upper()}"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -253,10 +266,11 @@ class DeviceImages:
             x = x[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols]    # (B, h, w, C)
             x = x.permute(0, 3, 1, 2)
         # Normalizing before the resize is the same result (bilinear weights sum to 1) on 64x fewer pixels.
+        # IMAGE_SIZE >= 32 only ever upsamples 28/32 px images, where antialias changes nothing: without it,
+        # MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to the CPU.
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels: a view, copied once just below
         return x.contiguous(memory_format=torch.channels_last)
 

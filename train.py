@@ -175,10 +175,12 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
 
 
 def sum_across(values: list[float], device, distributed: bool) -> list[float]:
-    """Sum per-process totals over all processes (identity for a plain run)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(t)
+    """Sum per-process totals over all processes (identity for a plain run). float32, since neither
+    MPS nor HCCL (Ascend) has float64; counts stay exact up to 2**24 images."""
+    if not distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -186,7 +188,7 @@ def sum_across(values: list[float], device, distributed: bool) -> list[float]:
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
     correct = torch.zeros((), dtype=torch.long, device=device)
     indices = torch.arange(len(data))[rank::world]
     for x, y in data.batches(indices, batch_size):
@@ -246,7 +248,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = common.amp_dtype(device, c["amp"])
+    amp, amp_reason = common.amp_choice(device, c["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
 
     # ---- data
@@ -302,7 +304,7 @@ def main() -> None:
     log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
         f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
         f"device {device}{f' x {world} processes' if distributed else ''}, "
-        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}")
+        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'} ({amp_reason})")
 
     def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
         """The full training state. epoch/step: epochs completed, and steps done in the next one;
@@ -362,7 +364,7 @@ def main() -> None:
             partial = [0.0, 0.0, 0.0]
         batches = train_data.batches(indices[start_step * c["batch_size"]:], c["batch_size"], augment, aug_gen,
                                      steps=steps_per_epoch - start_step)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
         correct = torch.zeros((), dtype=torch.long, device=device)
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         seen = 0
@@ -380,7 +382,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             # Running sums stay on the device: no host sync until a log step.
-            loss_sum += loss.detach().double() * len(y)
+            loss_sum += loss.detach().float() * len(y)
             correct += (logits.argmax(1) == y).sum()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             seen += len(y)

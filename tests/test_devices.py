@@ -1,0 +1,102 @@
+"""Accelerator paths proven on the CPU: each test reproduces one constraint of a device this project
+has no access to (Apple MPS, older NVIDIA GPUs, Ascend NPUs) and checks the code respects it."""
+
+import signal
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+import net
+import train
+from conftest import ROOT, TINY
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ auto precision
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_follows_the_compute_capability(capability, expected, monkeypatch):
+    """A T4 (7.5) or V100 (7.0) answers is_bf16_supported() with True (emulated), yet bf16 is slow there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dtype, reason = common.amp_choice(torch.device("cuda", 0), "auto")
+    assert dtype == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in reason
+
+
+@pytest.mark.parametrize("amx, expected", [(False, None), (True, torch.bfloat16)])
+def test_auto_precision_on_a_cpu_needs_amx(amx, expected, monkeypatch):
+    """AVX512-BF16 without AMX trains slower in bf16 than in fp32 (measured on this project's Xeon VM)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    dtype, reason = common.amp_choice(CPU, "auto")
+    assert dtype == expected
+    assert reason == ("auto: this CPU has AMX" if amx else "auto: this CPU has no AMX")
+    assert common.amp_choice(CPU, "bf16") == (torch.bfloat16, "--amp bf16")
+    assert common.amp_choice(CPU, "off") == (None, "--amp off")
+
+
+# ------------------------------------------------------------------------- what a training run dispatches
+
+class OpAudit(TorchDispatchMode):
+    """Records every aten op a run dispatches with the dtypes of its tensor inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, set] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        dtypes = {t.dtype for t in flat if isinstance(t, torch.Tensor)}
+        self.ops.setdefault(func.overloadpacket.__name__, set()).update(dtypes)
+        return out
+
+
+def run_train_in_process(monkeypatch, *args) -> None:
+    """train.run() as `python train.py ARGS` runs it, in this process; its signal handlers are undone after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
+    try:
+        train.run()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory):
+    """One epoch (2 steps, then evaluation and the checkpoints) under the op audit, 28 px MNIST at 32 px."""
+    from conftest import make_mnist
+    tmp = tmp_path_factory.mktemp("audit")
+    data = make_mnist(tmp / "data", n_train=64, n_test=32)
+    with pytest.MonkeyPatch.context() as mp, OpAudit() as audit:
+        run_train_in_process(mp, *TINY, "--data-dir", data, "--save-dir", tmp / "save")
+    return audit.ops
+
+
+def test_a_training_run_creates_no_float64_tensor(audited_run):
+    """Apple MPS has no float64: a single float64 tensor on the device stops a run before its first step."""
+    assert "convolution_backward" in audited_run  # it trained
+    assert [op for op, dtypes in audited_run.items() if torch.float64 in dtypes] == []
+
+
+def test_a_training_run_resizes_without_antialias(audited_run):
+    """Antialiased resize has no MPS kernel before torch 2.7 and falls back to the CPU on Ascend 910A;
+    upsampling (28 -> 32 px here) gives the same result without it."""
+    assert "upsample_bilinear2d" in audited_run
+    assert not [op for op in audited_run if "_aa" in op]
+
+
+def test_the_resize_without_antialias_is_the_same_when_upsampling():
+    x = torch.rand(4, 3, 28, 28)
+    for size in (32, 64, 224):
+        plain = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        aa = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(plain, aa, atol=1e-5, rtol=0)
