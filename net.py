@@ -83,9 +83,40 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)        # (B, 3, 224, 224) -> (B, 512, 7, 7)
-        x = self.avgpool(x)         # (B, 512, 7, 7) whatever the input size
+        x = pool_to_7x7(x, self.avgpool)  # (B, 512, 7, 7) whatever the input size
         x = torch.flatten(x, 1)     # (B, 25088)
         return self.classifier(x)   # (B, num_classes) logits
+
+
+# Devices whose adaptive average pool only takes sizes where one side divides the other (pytorch
+# issue 143864): on MPS, 7x7 from a 2x2 .. 6x6 or 8x8 map (64-223 px and 256 px inputs) fails.
+DIVISIBLE_POOL_ONLY = ("mps",)
+
+
+def pool_supported(size: int, out: int = 7) -> bool:
+    """Whether a divisible-only adaptive pool takes `size` -> `out`."""
+    return out % size == 0 if size < out else size % out == 0
+
+
+def pool_to_7x7(x: torch.Tensor, avgpool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
+    """avgpool(x), except: a 7x7 map is returned as it is (the pool would copy it), and on devices in
+    DIVISIBLE_POOL_ONLY a size they reject is pooled by two matrix products with the same bins."""
+    h, w = x.shape[-2:]
+    if (h, w) == (7, 7):
+        return x
+    if x.device.type in DIVISIBLE_POOL_ONLY and not (pool_supported(h) and pool_supported(w)):
+        return torch.einsum("ih,bchw,jw->bcij", _pool_matrix(h, x), x, _pool_matrix(w, x))
+    return avgpool(x)
+
+
+def _pool_matrix(size: int, like: torch.Tensor, out: int = 7) -> torch.Tensor:
+    """(out, size): row i averages the bin [floor(i * size / out), ceil((i + 1) * size / out)),
+    the bins of nn.AdaptiveAvgPool2d."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m.to(device=like.device, dtype=like.dtype)
 
 
 def vgg(depth: int = 16, num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5,

@@ -100,3 +100,48 @@ def test_the_resize_without_antialias_is_the_same_when_upsampling():
         plain = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         aa = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         torch.testing.assert_close(plain, aa, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- MPS adaptive average pool
+
+class DivisiblePoolOnly(TorchDispatchMode):
+    """The CPU made to reject what MPS rejects: an adaptive average pool whose input and output sizes do
+    not divide one another (pytorch issue 143864), forward or backward."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__.startswith(("_adaptive_avg_pool2d", "adaptive_avg_pool2d")):
+            x = args[0] if "backward" not in func.overloadpacket.__name__ else args[1]
+            out = (7, 7) if "backward" in func.overloadpacket.__name__ else tuple(args[1])
+            for i, o in zip(x.shape[-2:], out):
+                if (i >= o and i % o) or (i < o and o % i):
+                    raise RuntimeError("Adaptive pool MPS: input sizes must be divisible by output sizes.")
+        return func(*args, **(kwargs or {}))
+
+
+def test_mps_pool_rule_is_pytorchs():
+    assert [s for s in range(1, 15) if net.pool_supported(s)] == [1, 7, 14]
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 96, 128, 160, 192, 224, 256])
+def test_every_image_size_trains_where_the_pool_must_divide(image_size, monkeypatch):
+    """With the CPU standing in for MPS, a forward and backward at each size runs, and its output equals
+    that of the plain adaptive pool; on the CPU itself the output is bitwise what it was."""
+    torch.manual_seed(0)
+    model = net.vgg(11, 10, width_div=64).eval()
+    x = torch.randn(2, 3, image_size, image_size)
+    features = model.features(x)
+    reference = model.avgpool(features)
+    assert torch.equal(model(x), model.classifier(torch.flatten(reference, 1)))  # the CPU is unchanged
+    monkeypatch.setattr(net, "DIVISIBLE_POOL_ONLY", ("cpu",))
+    with DivisiblePoolOnly():
+        xg = x.clone().requires_grad_()
+        out = model(xg)
+        out.sum().backward()
+        pooled = net.pool_to_7x7(features, model.avgpool)
+    torch.testing.assert_close(pooled, reference, rtol=1e-5, atol=1e-6)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_the_stand_in_rejects_what_mps_rejects():
+    with DivisiblePoolOnly(), pytest.raises(RuntimeError, match="divisible"):
+        F.adaptive_avg_pool2d(torch.randn(1, 2, 4, 4), 7)
