@@ -414,6 +414,7 @@ def human_bytes(n: int) -> str:
 def main() -> None:
     args = parse_args()
     device = common.pick_device(args.device)
+    common.use_device(device)  # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
     amp = common.amp_dtype(device, args.amp)
     data_note = resolve_dataset(args)
     synthetic_size = args.batch_size * (args.warmup + args.steps)  # only what the steps consume

@@ -154,6 +154,13 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     return torch.device(kind)
 
 
+def use_device(device: torch.device) -> None:
+    """Make a numbered GPU/NPU the current one: synchronize(), capability checks and pinned memory
+    otherwise act on device 0, whatever --device says."""
+    if device.type in ("cuda", "npu") and device.index is not None:
+        getattr(torch, device.type).set_device(device)
+
+
 def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32 (see amp_choice for the reason)."""
     return amp_choice(device, mode)[0]

@@ -244,6 +244,7 @@ def main() -> None:
             getattr(torch, device.type).set_device(device)
         backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
         dist.init_process_group(backend)
+    common.use_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -145,3 +145,51 @@ def test_every_image_size_trains_where_the_pool_must_divide(image_size, monkeypa
 def test_the_stand_in_rejects_what_mps_rejects():
     with DivisiblePoolOnly(), pytest.raises(RuntimeError, match="divisible"):
         F.adaptive_avg_pool2d(torch.randn(1, 2, 4, 4), 7)
+
+
+# ------------------------------------------------------------------------------ a numbered GPU, versions
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """CUDA with two devices, as far as the code before the first real CUDA call can tell."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    return calls
+
+
+class Reached(common.UserError):
+    pass
+
+
+def test_train_makes_the_chosen_gpu_current(two_fake_gpus, monkeypatch, tmp_path, capsys):
+    def stop(*args, **kwargs):
+        raise Reached("the data is loaded after the device is set up")
+    monkeypatch.setattr(common, "load_split", stop)
+    with pytest.raises(SystemExit):
+        run_train_in_process(monkeypatch, *TINY, "--device", "cuda:1", "--save-dir", tmp_path)
+    assert "the data is loaded after the device is set up" in capsys.readouterr().err
+    assert two_fake_gpus == [torch.device("cuda", 1)]
+
+
+def test_bench_makes_the_chosen_gpu_current(two_fake_gpus, monkeypatch, capsys):
+    import bench
+
+    def stop(args):
+        raise Reached("the data is read after the device is set up")
+    monkeypatch.setattr(bench, "resolve_dataset", stop)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda:1"])
+    with pytest.raises(SystemExit):
+        common.run_main(bench.main)
+    assert "the data is read after the device is set up" in capsys.readouterr().err
+    assert two_fake_gpus == [torch.device("cuda", 1)]
+
+
+def test_requirements_ask_for_the_torch_whose_apis_are_used():
+    """torch.amp.GradScaler(device) and torch.get_default_device appeared in torch 2.3 (torchvision 0.18)."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    floor = {line.split(">=")[0]: tuple(int(v) for v in line.split(">=")[1].split(",")[0].split()[0].split("."))
+             for line in lines if line.startswith(("torch>=", "torchvision>="))}
+    assert floor == {"torch": (2, 3), "torchvision": (0, 18)}
