@@ -184,6 +184,39 @@ def sum_across(values: list[float], device, distributed: bool) -> list[float]:
     return t.tolist()
 
 
+def random_state(device: torch.device, aug_gen: torch.Generator) -> dict:
+    """This process's random streams, each with the device type it belongs to: the CPU's, the
+    augmentation generator's, and the device's own, which dropout on CUDA/NPU/MPS draws from."""
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(), "aug_device": aug_gen.device.type,
+             "device": device.type}
+    if device.type != "cpu":
+        state["device_rng"] = getattr(torch, device.type).get_rng_state(device)
+    return state
+
+
+def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Generator) -> str | None:
+    """Put the streams of random_state back. Streams of another device type cannot be (a CUDA generator
+    state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says so.
+    Checkpoints that stored no device types hold CPU and augmentation states only."""
+    torch.set_rng_state(state["torch"])
+    aug_device = state.get("aug_device")
+    if aug_device is None:  # no device type stored: tell a CPU generator's state by its size
+        aug_device = "cpu" if state["aug"].numel() == torch.Generator().get_state().numel() else "an accelerator"
+    fresh = []
+    if aug_device == aug_gen.device.type:
+        aug_gen.set_state(state["aug"])
+    else:
+        fresh.append(f"augmentation (saved on {aug_device})")
+    if device.type != "cpu":
+        if state.get("device") == device.type:
+            getattr(torch, device.type).set_rng_state(state["device_rng"], device)
+        else:
+            fresh.append(f"dropout (saved on {state.get('device', 'an unrecorded device')})")
+    if fresh:
+        return f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams start afresh"
+    return None
+
+
 @torch.inference_mode()
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
@@ -276,14 +309,18 @@ def main() -> None:
         common.load_model_state(model, ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
         if master:  # the checkpoint holds the epoch's sums over all processes
             partial = ckpt["partial"]
         ckpt_world = ckpt.get("world", 1)
         if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
-            torch.set_rng_state(ckpt["rng"][rank]["torch"])
-            aug_gen.set_state(ckpt["rng"][rank]["aug"])
+            moved = restore_random_state(ckpt["rng"][rank], device, aug_gen)
+            if moved:
+                log(moved)
+                if start_step and "augmentation" in moved:  # else the epoch's start seeds it
+                    aug_gen.manual_seed(c["seed"] * 1_000_003 + start_epoch * 1_009 + rank)
         else:
             # Fewer or more processes mean more or fewer steps per epoch: go on from the same share of
             # the epoch, and put the schedule at the matching step.
@@ -314,7 +351,7 @@ def main() -> None:
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} (the weights are no longer finite)")
         partial = sum_across(partial, device, distributed)
-        rng = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
+        rng = random_state(device, aug_gen)
         rngs = [None] * world
         if distributed:
             dist.all_gather_object(rngs, rng)  # each process has its own dropout and augmentation streams

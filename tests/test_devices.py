@@ -193,3 +193,91 @@ def test_requirements_ask_for_the_torch_whose_apis_are_used():
     floor = {line.split(">=")[0]: tuple(int(v) for v in line.split(">=")[1].split(",")[0].split()[0].split("."))
              for line in lines if line.startswith(("torch>=", "torchvision>="))}
     assert floor == {"torch": (2, 3), "torchvision": (0, 18)}
+
+
+# ------------------------------------------------------------------ resume on another device or precision
+
+RESUME_RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
+              "--amp", "off"]
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory):
+    """(data, a straight 2-epoch fp32 run's last.pth, a 1-epoch run's save folder)."""
+    from conftest import load, make_mnist, run_script
+    tmp = tmp_path_factory.mktemp("moved")
+    data = make_mnist(tmp / "data", n_train=256, n_test=32)
+    run_script("train.py", *RESUME_RUN, "--data-dir", data, "--save-dir", tmp / "straight", check=True)
+    run_script("train.py", *RESUME_RUN, "--epochs", "1", "--data-dir", data, "--save-dir", tmp / "one", check=True)
+    return data, load(tmp / "straight" / "last.pth"), tmp / "one"
+
+
+def copy_run(folder, to, edit=lambda ckpt: None):
+    """The run in `folder` copied to `to`, its last.pth changed by edit(ckpt)."""
+    from conftest import load
+    to.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (to / f.name).write_bytes(f.read_bytes())
+    ckpt = load(to / "last.pth")
+    edit(ckpt)
+    torch.save(ckpt, to / "last.pth")
+    return to
+
+
+def test_a_checkpoint_without_device_types_resumes_exactly(fp32_runs, tmp_path):
+    """last.pth as earlier versions wrote it (random states without device types) still resumes bitwise."""
+    from conftest import load, run_script, weight_differences
+    data, straight, one = fp32_runs
+
+    def older(ckpt):
+        ckpt["rng"] = [{"torch": r["torch"], "aug": r["aug"]} for r in ckpt["rng"]]
+    save = copy_run(one, tmp_path / "save", older)
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", save, check=True)
+    assert "afresh" not in proc.stdout
+    assert not weight_differences(load(save / "last.pth")["model"], straight["model"])
+
+
+@pytest.mark.parametrize("stored", ["device types", "none"])
+def test_a_gpu_run_resumes_on_the_cpu_in_fp16(stored, fp32_runs, tmp_path):
+    """A run begun on a GPU in fp32 (its augmentation generator's state is 16 bytes, it has no loss scaler
+    state) continues on the CPU with --amp fp16: fresh streams, said in one line, and no traceback."""
+    from conftest import load, run_script
+    data, _, one = fp32_runs
+
+    def from_gpu(ckpt):
+        for r in ckpt["rng"]:
+            r["aug"] = torch.zeros(16, dtype=torch.uint8)  # what torch.Generator("cuda").get_state() holds
+            if stored == "device types":
+                r.update(aug_device="cuda", device="cuda", device_rng=torch.zeros(16, dtype=torch.uint8))
+            else:
+                r.pop("aug_device", None), r.pop("device", None)
+    save = copy_run(one, tmp_path / "save", from_gpu)
+    assert load(save / "last.pth")["scaler"] == {}
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--amp", "fp16", "--data-dir", data, "--save-dir", save)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "precision float16 (--amp fp16)" in proc.stdout
+    saved_on = "cuda" if stored == "device types" else "an accelerator"
+    assert f"resume: the run continues on cpu: the augmentation (saved on {saved_on}) random streams start afresh" \
+        in proc.stdout
+    resumed = load(save / "last.pth")
+    assert resumed["epoch"] == 2 and resumed["scaler"]["scale"] > 0  # fp16 ran, with loss scaling
+    assert resumed["rng"][0]["aug_device"] == "cpu" and resumed["rng"][0]["device"] == "cpu"
+
+
+def test_the_device_stream_that_dropout_uses_is_saved_and_restored(monkeypatch):
+    """Dropout on CUDA draws from the GPU's generator: it is saved with the device type, and restored on
+    the same kind of device only (CUDA's functions stand in for a GPU here)."""
+    gpu_state = {"now": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": gpu_state.update(now=s.clone()))
+    gpu, aug = torch.device("cuda", 0), torch.Generator()
+    state = train.random_state(gpu, aug)
+    assert state["device"] == "cuda" and torch.equal(state["device_rng"], gpu_state["now"])
+    gpu_state["now"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the run drew more numbers
+    assert train.restore_random_state(state, gpu, aug) is None
+    assert gpu_state["now"].tolist() == [1, 2, 3]
+    on_cpu = train.random_state(CPU, aug)
+    message = train.restore_random_state(on_cpu, gpu, aug)
+    assert message == "resume: the run continues on cuda: the dropout (saved on cpu) random streams start afresh"
+    assert gpu_state["now"].tolist() == [1, 2, 3]  # left as seeded, not overwritten with a CPU state
