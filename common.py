@@ -9,6 +9,7 @@ import errno
 import math
 import os
 import pickle
+import signal
 import sys
 import tokenize
 from contextlib import nullcontext
@@ -328,7 +329,7 @@ class FolderImages:
             loader = torch.utils.data.DataLoader(
                 _SeededItems(self.train_set if augment else self.eval_set), batch_sampler=sampler,
                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                persistent_workers=self.workers > 0,
+                persistent_workers=self.workers > 0, worker_init_fn=_ignore_stop_signals,
                 generator=torch.Generator())  # else each epoch's iterator draws from the dropout stream
             self._loaders[augment] = (loader, sampler)
         loader, sampler = self._loaders[augment]
@@ -343,6 +344,14 @@ class FolderImages:
         from PIL import Image
         with Image.open(self.eval_set.samples[i][0]) as im:
             return _rgb(im)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: Ctrl-C and SIGTERM reach the whole process group (and SLURM signals every
+    process), but only the main process may act on them; a worker that died would end the run before
+    last.pth is written."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SeededItems(torch.utils.data.Dataset):

@@ -76,6 +76,31 @@ class Diverged(Exception):
     pass
 
 
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to finish its step, write last.pth and exit.
+
+    The handler stays installed for repeated signals: torchrun forwards SIGTERM (and SIGINT) to each
+    process group while SLURM or a terminal's Ctrl-C also reach every process directly, so a second signal
+    comes at once and must not kill the save. Only a second Ctrl-C in a plain run stops at once
+    (KeyboardInterrupt, which run() reports in one line)."""
+
+    # Under torchrun the processes agree on stopping at least this often (torchrun's grace is 30 s).
+    agree_seconds = 5.0
+
+    def __init__(self, distributed: bool):
+        self.signal: int | None = None
+        self.distributed = distributed
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT and not self.distributed:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signum
+
+
 def hyperparameters() -> dict:
     """The constants of the block above, in order (UPPERCASE names holding plain values)."""
     return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (bool, int, float, str))}
@@ -87,15 +112,22 @@ def extra_options(parser) -> None:
                         help="start a new run even though SAVE_DIR already holds one (its files are replaced)")
 
 
-def make_optimizer(model, c: dict) -> torch.optim.Optimizer:
+def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm parameters: decaying them only hurts (as in the
     # official recipes' --norm-weight-decay 0).
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": c["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = effective_lr(c, world)
     if c["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=c["lr"], betas=(c["momentum"], 0.999))
-    return torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"])
+        return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"])
+
+
+def effective_lr(c: dict, world: int) -> float:
+    """LR is the rate for one process's BATCH_SIZE images; `world` processes step on world times as many,
+    so the rate grows with them (the linear scaling rule; a warm-up helps at large batches)."""
+    return c["lr"] * world
 
 
 def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
@@ -299,7 +331,7 @@ def main() -> None:
     model = common.build_model(c, len(classes)).to(device)
     if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on both (measured on CPU)
-    optimizer = make_optimizer(model, c)
+    optimizer = make_optimizer(model, c, world)
     scheduler = make_scheduler(optimizer, c, steps_per_epoch)
     start_epoch, start_step, best_acc = 0, 0, 0.0
     partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch before a mid-epoch resume (rank 0: all processes')
@@ -326,9 +358,13 @@ def main() -> None:
             # the epoch, and put the schedule at the matching step.
             start_step = min(steps_per_epoch, start_step * ckpt_world // world)
             scheduler.last_epoch = start_epoch * steps_per_epoch + start_step
+            scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)  # the new global batch's
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["initial_lr"] = base
             for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
             log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule is rescaled"
+                f" (learning rate {effective_lr(c, world):g} for the global batch of {c['batch_size'] * world})"
                 f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
         log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
     ckpt_epoch = None if ckpt is None else ckpt["epoch"]
@@ -339,10 +375,13 @@ def main() -> None:
     train_model = torch.compile(model) if c["compile"] else model
 
     n_params = sum(p.numel() for p in raw_model.parameters())
+    lr_note = f" (LR {c['lr']:g} x {world} processes)" if distributed else ""
     log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
         f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
         f"device {device}{f' x {world} processes' if distributed else ''}, "
-        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'} ({amp_reason})")
+        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'} ({amp_reason}) | "
+        f"lr {effective_lr(c, world):g}{lr_note}, "
+        f"global batch {c['batch_size'] * world}")
 
     def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
         """The full training state. epoch/step: epochs completed, and steps done in the next one;
@@ -363,28 +402,37 @@ def main() -> None:
                 "partial": partial}
 
     # ---- Ctrl-C / SIGTERM: finish the step, write last.pth, exit; a second Ctrl-C stops at once
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopSignals(distributed)
+    stop.install()
 
     # Every process must take the same decision at the same step, since saving gathers all of their
-    # random states. A plain run decides at every step; processes agree at log steps, so one small
-    # all-reduce per LOG_EVERY steps is the whole cost.
-    def stop_or_save(step: int) -> tuple[bool, bool]:
+    # random states, and a process that stopped or raised alone would leave the others waiting in a
+    # collective. A plain run decides at every step. Processes agree by one small all-reduce (each
+    # one a device sync) at log steps, at the epoch's last step, and often enough in between that a
+    # stop is taken within StopSignals.agree_seconds; the interval comes from the slowest process's
+    # step time, reduced with the flags, so all processes compute the same one.
+    agreement = {"since": 0, "every": 1, "time": time.monotonic()}
+
+    def stop_or_save(step: int, first_bad: torch.Tensor) -> tuple[bool, bool]:
         save_due = c["save_every_minutes"] > 0 and time.monotonic() - last_save >= 60 * c["save_every_minutes"]
         if not distributed:
-            return stop["signal"] is not None, save_due
-        if step % c["log_every"]:
+            return stop.signal is not None, save_due
+        agreement["since"] += 1
+        if agreement["since"] < agreement["every"] and step % c["log_every"] and step != steps_per_epoch:
             return False, False
-        flags = torch.tensor([stop["signal"] or 0, int(save_due)], device=device)
+        now = time.monotonic()
+        bad = int(first_bad)
+        # float32 (HCCL has no float64); a bad step is sent as steps_per_epoch - step, so MAX finds the first.
+        flags = torch.tensor([stop.signal or 0, save_due, steps_per_epoch - bad if bad >= 0 else 0,
+                              (now - agreement["time"]) / agreement["since"]], dtype=torch.float32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop["signal"] = int(flags[0]) or None
-        return bool(flags[0]), bool(flags[1])
+        signum, save, bad, step_seconds = flags.tolist()
+        agreement.update(since=0, time=now, every=max(1, min(c["log_every"],
+                                                               int(stop.agree_seconds / max(step_seconds, 1e-6)))))
+        if bad:  # on every process at once, so none waits in a collective for one that stopped
+            raise Diverged(f"epoch {epoch + 1}, step {steps_per_epoch - int(bad) + 1}")
+        stop.signal = int(signum) or None
+        return bool(signum), bool(save)
 
     # ---- training
     if master and args.overwrite and ckpt_epoch is None:
@@ -426,7 +474,7 @@ def main() -> None:
             seen += len(y)
             step += 1
             bar.update()
-            stopping, save_now = stop_or_save(step)
+            stopping, save_now = stop_or_save(step, first_bad)
             if step % c["log_every"] == 0 or save_now or stopping:
                 if int(first_bad) >= 0:
                     raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
@@ -442,11 +490,13 @@ def main() -> None:
                 if master:
                     common.save_checkpoint(state, last_path)
                 last_save = time.monotonic()
+                if stopping and distributed:
+                    dist.barrier()  # torchrun ends the whole group when one process exits: not before the save
                 if stopping:
                     bar.close()
-                    log(f"stopped by {signal.Signals(stop['signal']).name} at epoch {epoch + 1}, step {step}; "
+                    log(f"stopped by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, step {step}; "
                         f"saved {last_path}; continue with: python train.py --resume", file=sys.stderr)
-                    sys.exit(128 + stop["signal"])
+                    sys.exit(128 + stop.signal)
         bar.close()
         if int(first_bad) >= 0:
             raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
@@ -496,6 +546,9 @@ def run() -> None:
         print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint is kept "
               "(try a lower --lr, or --amp off)", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
+        print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

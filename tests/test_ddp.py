@@ -8,8 +8,10 @@ and records, from the outside, the shards each process trained on and the weight
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 
 import common
 import train
-from conftest import ROOT, TINY, load, make_mnist, run_script, weight_differences
+from conftest import ROOT, TINY, load, make_folder, make_mnist, run_script, weight_differences
 
 N_TRAIN, N_TEST = 257, 101
 # A step schedule does not depend on the number of epochs, so 1 epoch + --resume --epochs 2 can be
@@ -32,6 +34,33 @@ import common, train
 
 rank, out = os.environ["RANK"], {out!r}
 shards, batches, final = [], [], {{}}
+collectives = set()  # "name:dtype" of every tensor train.py hands to torch.distributed
+
+def recorded(name):
+    real = getattr(torch.distributed, name)
+    def collective(*args, **kwargs):
+        for a in args:
+            for t in (a if isinstance(a, list) else [a]):
+                if isinstance(t, torch.Tensor):
+                    collectives.add(f"{{name}}:{{t.dtype}}")
+        return real(*args, **kwargs)
+    setattr(torch.distributed, name, collective)
+
+for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter"):
+    recorded(name)
+
+nan_at = int(os.environ.get("NAN_ON_RANK_1_AT_STEP", 0))
+real_cross_entropy, training_calls = torch.nn.functional.cross_entropy, [0]
+
+def cross_entropy(logits, *args, **kwargs):
+    loss = real_cross_entropy(logits, *args, **kwargs)
+    if logits.requires_grad and rank == "1":
+        training_calls[0] += 1
+        if training_calls[0] == nan_at:
+            loss = loss * float("nan")
+    return loss
+
+torch.nn.functional.cross_entropy = cross_entropy
 
 def shard_indices(n, seed, epoch, rank=0, world=1):
     idx = real_shard(n, seed, epoch, rank, world)
@@ -55,17 +84,18 @@ sys.argv = ["train.py", *sys.argv[1:]]
 train.run()
 torch.save({{k: v.clone() for k, v in final["model"].state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
 with open(f"{{out}}/record{{rank}}.json", "w") as f:
-    json.dump({{"shards": shards, "batches": batches, "result": final["result"]}}, f)
+    json.dump({{"shards": shards, "batches": batches, "result": final["result"],
+               "collectives": sorted(collectives)}}, f)
 """
 
 
-def torchrun(tmp: Path, *args, nproc: int = 2, record: bool = True) -> subprocess.CompletedProcess:
+def torchrun(tmp: Path, *args, nproc: int = 2, record: bool = True, env=None) -> subprocess.CompletedProcess:
     """Launch train.py (through the recording launcher when `record`) on `nproc` CPU processes."""
     script = ROOT / "train.py"
     if record:
         script = tmp / "launcher.py"
         script.write_text(LAUNCHER.format(root=str(ROOT), out=str(tmp)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -207,3 +237,85 @@ def test_more_processes_than_gpus_on_a_node_is_a_one_line_error(tmp_path, monkey
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("train.py: error: torchrun started 2 processes on this node but it has 1 "
                                        "CUDA device(s): use --nproc_per_node=1\n")
+
+
+# ------------------------------------------------------------------------ what an Ascend NPU run needs
+
+def test_collectives_carry_no_float64(ddp_run):
+    """HCCL (Ascend) all-reduces int8/16/32/64, fp16, fp32 and bf16 only: a float64 tensor handed to
+    torch.distributed ends a run on NPUs after a whole epoch's work."""
+    _, _, _, records = ddp_run
+    for record in records:
+        assert "all_reduce:torch.float32" in record["collectives"] and "broadcast:torch.float32" in record["collectives"]
+        assert [c for c in record["collectives"] if "float64" in c] == []
+
+
+def test_the_learning_rate_follows_the_global_batch(ddp_run):
+    """LR is the rate for one process's batch: 2 processes step on twice as many images at twice the rate."""
+    tmp, _, proc, _ = ddp_run
+    assert "lr 0.1 (LR 0.05 x 2 processes), global batch 64" in proc.stdout
+    ckpt = load(tmp / "save" / "last.pth")
+    assert ckpt["config"]["lr"] == 0.05
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)  # 2 epochs of the step schedule
+
+
+def test_a_non_finite_loss_on_one_process_stops_all_of_them(tmp_path):
+    """Rank 1's loss becomes NaN at step 3: both processes report it in one line and end, instead of rank 0
+    waiting in the next collective until torchrun kills it."""
+    data = make_mnist(tmp_path / "data", n_train=N_TRAIN, n_test=8)
+    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save",
+                    env={"NAN_ON_RANK_1_AT_STEP": "3"})
+    assert proc.returncode != 0
+    line = "train.py: error: the loss became NaN or infinite at epoch 1, step 3; the last good checkpoint is kept"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    for ours in ("train.py", "common.py"):
+        assert f'File "{ROOT / ours}"' not in proc.stderr
+
+
+# ------------------------------------------------------------------- SIGTERM to a whole torchrun job
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes through Linux /proc")
+def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exact(tmp_path):
+    """As SLURM ends a job: SIGTERM to every process of the job, then torchrun forwards its own SIGTERM to
+    each process group (train.py and its DataLoader workers). last.pth must hold the step reached in
+    epoch 2, and --resume must continue exactly."""
+    data = make_folder(tmp_path / "data", n_train=96, n_test=16)
+    run = [*RUN, "--dataset", "folder", "--batch-size", "8", "--workers", "1", "--data-dir", data]
+    ok(torchrun(tmp_path, *run, "--save-dir", tmp_path / "straight", record=False))
+
+    save = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *map(str, run), "--save-dir", str(save)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (save / "epoch_001.pth").exists():  # epoch 2 is about to begin
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2 and all(children(r) for r in ranks)  # each process has its DataLoader worker
+    for r in ranks:
+        os.kill(r, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM at epoch 2, step" in err, err[-3000:]
+    for ours in ("train.py", "common.py"):
+        assert f'File "{ROOT / ours}"' not in err
+    stopped = load(save / "last.pth")
+    assert stopped["epoch"] == 1 and 0 < stopped["step"] < 6, (stopped["epoch"], stopped["step"])
+
+    ok(torchrun(tmp_path, *run, "--resume", "--save-dir", save, record=False))
+    assert not weight_differences(load(save / "last.pth")["model"], load(tmp_path / "straight" / "last.pth")["model"])
