@@ -446,6 +446,63 @@ def build_model(c: dict, num_classes: int):
     return vgg(c["depth"], num_classes, c["batch_norm"], c["dropout"], c["width_div"])
 
 
+def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple[int, int]:
+    """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the meta
+    device (shapes only, nothing computed): weights, gradients and optimizer state in fp32 plus the
+    autocast copies of the weights; per image, every tensor the forward pass creates (autograd keeps
+    nearly all of them for the backward pass in a VGG), in the autocast dtype, and the input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    n = 3  # BatchNorm needs more than one image; 3 tells activations from weights by their first dimension
+    with torch.device("meta"):
+        model = build_model(c, num_classes).to(amp or torch.float32)
+        x = torch.empty(n, 3, c["image_size"], c["image_size"], dtype=amp or torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer_copies = 2 if c.get("optimizer") == "adamw" else 1
+    fixed = params * 4 * (2 + optimizer_copies) + (params * 2 if amp is not None else 0)
+
+    class CountActivations(TorchDispatchMode):
+        created = x.numel() * x.element_size()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.overloadpacket.__name__.endswith("_"):  # in-place ops (ReLU) create nothing
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n:
+                        CountActivations.created += t.numel() * t.element_size()
+            return out
+    with CountActivations():
+        model(x)
+    return fixed, CountActivations.created // n
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has (its total, not what is free now); None where unknown."""
+    try:
+        if device.type in ("cuda", "npu"):
+            return getattr(torch, device.type).mem_get_info(device)[1]
+        if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return torch.mps.recommended_max_memory()
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and Ascend NPUs a RuntimeError saying 'out of memory'."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(e, oom_types) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def batch_that_fits(batch_size: int, total: int | None, fixed: int, per_image: int) -> int:
+    """A batch size below the one that ran out of memory: the estimate for 90% of the device's memory
+    when it is smaller, else half (the estimate leaves out the allocator's fragmentation and workspaces)."""
+    estimate = (int(0.9 * total) - fixed) // per_image if total else batch_size
+    return max(0, estimate) if estimate < batch_size else batch_size // 2
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(obj: dict, path: Path) -> None:

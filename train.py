@@ -249,6 +249,31 @@ def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Gener
     return None
 
 
+def slow_epoch_warning(device: torch.device, step_seconds: float, steps: int,
+                       limit_seconds: float = 3600.0) -> str | None:
+    """On a CPU, one line when an epoch would take longer than limit_seconds at this step time."""
+    if device.type != "cpu" or step_seconds * steps <= limit_seconds:
+        return None
+    return (f"warning: at {step_seconds:.1f} s a step, an epoch of {steps} steps takes about "
+            f"{step_seconds * steps / 3600:.1f} hours on this CPU; a run of minutes: "
+            "python train.py --image-size 32 --width-div 4 --epochs 1")
+
+
+def out_of_memory_message(e: BaseException, run: dict) -> str:
+    """One line for an out-of-memory error: where, at which batch size, and one estimated to fit."""
+    if "config" not in run:
+        return f"out of memory before training began ({str(e).splitlines()[0][:200]})"
+    c, device = run["config"], run["device"]
+    fixed, per_image = common.memory_estimate(c, run["classes"], run["amp"])
+    total = common.device_memory(device)
+    fits = common.batch_that_fits(c["batch_size"], total, fixed, per_image)
+    has = f" ({total / 2**30:.1f} GiB)" if total else ""
+    advice = (f"try --batch-size {fits} (estimated to fit)" if fits else
+              "not even one image fits: try a smaller --image-size or a larger --width-div")
+    precision = "" if run["amp"] is not None else ", or --amp bf16/fp16 (about half the activations)"
+    return f"out of memory on {device}{has} at batch size {c['batch_size']}: {advice}{precision}"
+
+
 @torch.inference_mode()
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
@@ -375,6 +400,7 @@ def main() -> None:
     train_model = torch.compile(model) if c["compile"] else model
 
     n_params = sum(p.numel() for p in raw_model.parameters())
+    current_run.update(config=c, device=device, amp=amp, classes=len(classes))  # for out_of_memory_message
     lr_note = f" (LR {c['lr']:g} x {world} processes)" if distributed else ""
     log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
         f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
@@ -441,6 +467,7 @@ def main() -> None:
             old.unlink(missing_ok=True)
         log(f"--overwrite: removed the previous run's files from {save_dir}")
     last_save = time.monotonic()
+    first_steps = []  # when the first two steps of this invocation ended
     for epoch in range(start_epoch, c["epochs"]):
         t0 = time.perf_counter()
         model.train()
@@ -474,6 +501,12 @@ def main() -> None:
             seen += len(y)
             step += 1
             bar.update()
+            if master and epoch == start_epoch and step - start_step in (1, 2):  # step 1 includes warm-up
+                first_steps.append(time.perf_counter())
+                warning = len(first_steps) == 2 and slow_epoch_warning(device, first_steps[1] - first_steps[0],
+                                                                      steps_per_epoch)
+                if warning:
+                    bar.write(warning, file=sys.stderr)
             stopping, save_now = stop_or_save(step, first_bad)
             if step % c["log_every"] == 0 or save_now or stopping:
                 if int(first_bad) >= 0:
@@ -539,6 +572,9 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+current_run = {}  # what main() runs, once known: config, device, amp, classes
+
+
 def run() -> None:
     try:
         common.run_main(main)
@@ -546,6 +582,11 @@ def run() -> None:
         print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint is kept "
               "(try a lower --lr, or --amp off)", file=sys.stderr)
         sys.exit(3)
+    except Exception as e:
+        if not common.is_out_of_memory(e):
+            raise
+        print(f"train.py: error: {out_of_memory_message(e, current_run)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
         sys.exit(130)

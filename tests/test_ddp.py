@@ -260,13 +260,14 @@ def test_the_learning_rate_follows_the_global_batch(ddp_run):
 
 
 def test_a_non_finite_loss_on_one_process_stops_all_of_them(tmp_path):
-    """Rank 1's loss becomes NaN at step 3: both processes report it in one line and end, instead of rank 0
-    waiting in the next collective until torchrun kills it."""
+    """Rank 1's loss becomes NaN at step 4, a log step: rank 0's loss there is still finite (the NaN reaches
+    its weights only through that step's gradient all-reduce). Both processes must report it in one line and
+    end, instead of rank 0 going on alone into the next collective."""
     data = make_mnist(tmp_path / "data", n_train=N_TRAIN, n_test=8)
     proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save",
-                    env={"NAN_ON_RANK_1_AT_STEP": "3"})
+                    env={"NAN_ON_RANK_1_AT_STEP": "4"})
     assert proc.returncode != 0
-    line = "train.py: error: the loss became NaN or infinite at epoch 1, step 3; the last good checkpoint is kept"
+    line = "train.py: error: the loss became NaN or infinite at epoch 1, step 4; the last good checkpoint is kept"
     assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
     for ours in ("train.py", "common.py"):
         assert f'File "{ROOT / ours}"' not in proc.stderr

@@ -281,3 +281,91 @@ def test_the_device_stream_that_dropout_uses_is_saved_and_restored(monkeypatch):
     message = train.restore_random_state(on_cpu, gpu, aug)
     assert message == "resume: the run continues on cuda: the dropout (saved on cpu) random streams start afresh"
     assert gpu_state["now"].tolist() == [1, 2, 3]  # left as seeded, not overwritten with a CPU state
+
+
+# ------------------------------------------------------------------------ out of memory, slow CPUs, Ctrl-C
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 392.00 MiB. GPU 0 has a total capacity of 15.89 GiB"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.61 GB, other allocations: 1.22 GB, max allowed: "
+                 "18.13 GB). Tried to allocate 392.00 MB on private pool."),
+    RuntimeError("NPU out of memory. Tried to allocate 392.00 MiB (NPU 0; 32.00 GiB total capacity)"),
+])
+def test_out_of_memory_is_one_line_with_a_batch_size_that_fits(error, monkeypatch, tmp_path, capsys):
+    from conftest import make_mnist
+    data = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    real = F.cross_entropy
+
+    def cross_entropy(logits, *args, **kwargs):
+        if logits.requires_grad:
+            raise error
+        return real(logits, *args, **kwargs)
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train_in_process(monkeypatch, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line[line.index("train.py: error:"):] for line in err.splitlines() if "error:" in line]  # after the bar
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: out of memory on cpu (")
+    assert "at batch size 32: try --batch-size 16 (estimated to fit)" in errors[0]
+    assert "Traceback" not in err
+
+
+def test_the_batch_that_fits_comes_from_the_estimate():
+    c = {"depth": 16, "batch_norm": True, "dropout": 0.5, "width_div": 1, "image_size": 224, "optimizer": "sgd"}
+    fixed32, per_image32 = common.memory_estimate(c, 10, None)
+    fixed16, per_image16 = common.memory_estimate(c, 10, torch.bfloat16)
+    assert 1.4 * 2**30 < fixed32 < 1.6 * 2**30  # 138M fp32 weights, gradients and momentum
+    assert 1.8 < per_image32 / per_image16 < 2.1  # bf16 activations are half the size
+    gib16 = 16 * 2**30
+    fits = common.batch_that_fits(128, gib16, fixed32, per_image32)
+    assert 0 < fits < 128 and fixed32 + fits * per_image32 <= 0.9 * gib16 < fixed32 + (fits + 1) * per_image32
+    assert common.batch_that_fits(128, 2**50, fixed32, per_image32) == 64  # the estimate is wrong: halve
+    assert common.batch_that_fits(128, 2**30, fixed32, per_image32) == 0
+    assert common.is_out_of_memory(RuntimeError("MPS backend out of memory")) and \
+        not common.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_slow_cpu_epoch_is_announced_with_the_cpu_recipe(monkeypatch, tmp_path, capsys):
+    assert train.slow_epoch_warning(CPU, 110.0, 469) == (
+        "warning: at 110.0 s a step, an epoch of 469 steps takes about 14.3 hours on this CPU; a run of minutes: "
+        "python train.py --image-size 32 --width-div 4 --epochs 1")
+    assert train.slow_epoch_warning(CPU, 1.0, 469) is None
+    assert train.slow_epoch_warning(torch.device("cuda"), 110.0, 469) is None
+    # In a run: every CPU epoch is "slow" when the limit is 0 s; the line comes after the second step.
+    from conftest import make_mnist
+    data = make_mnist(tmp_path / "data", n_train=96, n_test=8)
+    real = train.slow_epoch_warning
+    monkeypatch.setattr(train, "slow_epoch_warning", lambda *a: real(*a, limit_seconds=0))
+    run_train_in_process(monkeypatch, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save")
+    err = capsys.readouterr().err
+    assert err.count("an epoch of 3 steps takes about") == 1
+    assert "a run of minutes: python train.py --image-size 32 --width-div 4 --epochs 1" in err
+
+
+def test_signals_are_kept_for_the_save_and_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = train.StopSignals(distributed=False)
+        stop.install()
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # SLURM's and torchrun's: the second must not end the process
+        assert stop.signal == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is stop
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second signal that is Ctrl-C: stop now
+        under_torchrun = train.StopSignals(distributed=True)
+        under_torchrun.install()
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # the terminal's and torchrun's copy of one Ctrl-C
+        assert under_torchrun.signal == signal.SIGINT
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "main", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.run()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "train.py: stopped by a second Ctrl-C; last.pth holds the last save\n"
