@@ -278,7 +278,8 @@ class DeviceImages:
         # MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to the CPU.
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
         x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels: a view, copied once just below
         return x.contiguous(memory_format=torch.channels_last)
 

@@ -233,7 +233,8 @@ def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Gener
     torch.set_rng_state(state["torch"])
     aug_device = state.get("aug_device")
     if aug_device is None:  # no device type stored: tell a CPU generator's state by its size
-        aug_device = "cpu" if state["aug"].numel() == torch.Generator().get_state().numel() else "an accelerator"
+        cpu_size = torch.Generator().get_state().numel()
+        aug_device = "cpu" if state["aug"].numel() == cpu_size else "an accelerator"
     fresh = []
     if aug_device == aug_gen.device.type:
         aug_gen.set_state(state["aug"])
@@ -245,7 +246,8 @@ def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Gener
         else:
             fresh.append(f"dropout (saved on {state.get('device', 'an unrecorded device')})")
     if fresh:
-        return f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams start afresh"
+        return (f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams "
+                "start afresh")
     return None
 
 
@@ -383,13 +385,15 @@ def main() -> None:
             # the epoch, and put the schedule at the matching step.
             start_step = min(steps_per_epoch, start_step * ckpt_world // world)
             scheduler.last_epoch = start_epoch * steps_per_epoch + start_step
-            scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)  # the new global batch's
+            # the rate of the new global batch
+            scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["initial_lr"] = base
             for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
             log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule is rescaled"
-                f" (learning rate {effective_lr(c, world):g} for the global batch of {c['batch_size'] * world})"
+                f" (learning rate {effective_lr(c, world):g} for the global batch of "
+                f"{c['batch_size'] * world})"
                 f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
         log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
     ckpt_epoch = None if ckpt is None else ckpt["epoch"]
@@ -449,12 +453,13 @@ def main() -> None:
         now = time.monotonic()
         bad = int(first_bad)
         # float32 (HCCL has no float64); a bad step is sent as steps_per_epoch - step, so MAX finds the first.
-        flags = torch.tensor([stop.signal or 0, save_due, steps_per_epoch - bad if bad >= 0 else 0,
-                              (now - agreement["time"]) / agreement["since"]], dtype=torch.float32, device=device)
+        step_seconds = (now - agreement["time"]) / agreement["since"]
+        bad_flag = steps_per_epoch - bad if bad >= 0 else 0
+        flags = torch.tensor([stop.signal or 0, save_due, bad_flag, step_seconds], dtype=torch.float32, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, save, bad, step_seconds = flags.tolist()
-        agreement.update(since=0, time=now, every=max(1, min(c["log_every"],
-                                                               int(stop.agree_seconds / max(step_seconds, 1e-6)))))
+        every = int(stop.agree_seconds / max(step_seconds, 1e-6))
+        agreement.update(since=0, time=now, every=max(1, min(c["log_every"], every)))
         if bad:  # on every process at once, so none waits in a collective for one that stopped
             raise Diverged(f"epoch {epoch + 1}, step {steps_per_epoch - int(bad) + 1}")
         stop.signal = int(signum) or None
@@ -503,8 +508,8 @@ def main() -> None:
             bar.update()
             if master and epoch == start_epoch and step - start_step in (1, 2):  # step 1 includes warm-up
                 first_steps.append(time.perf_counter())
-                warning = len(first_steps) == 2 and slow_epoch_warning(device, first_steps[1] - first_steps[0],
-                                                                      steps_per_epoch)
+                warning = len(first_steps) == 2 and slow_epoch_warning(
+                    device, first_steps[1] - first_steps[0], steps_per_epoch)
                 if warning:
                     bar.write(warning, file=sys.stderr)
             stopping, save_now = stop_or_save(step, first_bad)
@@ -524,7 +529,7 @@ def main() -> None:
                     common.save_checkpoint(state, last_path)
                 last_save = time.monotonic()
                 if stopping and distributed:
-                    dist.barrier()  # torchrun ends the whole group when one process exits: not before the save
+                    dist.barrier()  # torchrun ends the group when one process exits: not before the save
                 if stopping:
                     bar.close()
                     log(f"stopped by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, step {step}; "
