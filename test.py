@@ -83,7 +83,7 @@ def check_paths(args) -> None:
     for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out), ("--data-dir", args.data_dir)):
         if value is not None:
             common.check_path(flag, value)
-    if os.environ.get("DATA_DIR") == "":
+    if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
         common.check_path("--data-dir (or DATA_DIR)", "")
     if args.grid_seed is not None:
         common.check_seed("--grid-seed", args.grid_seed)
