@@ -103,7 +103,8 @@ SEED_MAX = 2**32 - 1
 MAX_IMAGE_SIZE = 2048
 INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size", "step_epochs", "seed",
                 "keep", "log_every")
-FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma", "save_every_minutes")
+FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
+                  "save_every_minutes")
 
 
 def check_seed(name: str, seed) -> None:
@@ -128,15 +129,16 @@ def check_config(c: dict) -> None:
              f"--{key.replace('_', '-')} must be an integer, got {c[key]!r}")
     for key in FLOAT_SETTINGS:
         flag = "--" + key.replace("_", "-")
-        need(isinstance(c[key], (int, float)) and not isinstance(c[key], bool), f"{flag} must be a number, got {c[key]!r}")
+        need(isinstance(c[key], (int, float)) and not isinstance(c[key], bool),
+             f"{flag} must be a number, got {c[key]!r}")
         need(math.isfinite(c[key]), f"{flag} must be a finite number, got {c[key]}")
     for key in ("batch_norm", "compile"):
         need(isinstance(c[key], bool), f"--{key.replace('_', '-')} must be true or false, got {c[key]!r}")
     check_path("--data-dir (or DATA_DIR)", c["data_dir"])
     check_path("--save-dir", c["save_dir"])
     check_seed("--seed", c["seed"])
-    need(c["image_size"] <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's activations "
-         f"at {c['image_size']} px do not fit in any device's memory), got {c['image_size']}")
+    need(c["image_size"] <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's "
+         f"activations at {c['image_size']} px do not fit in any device's memory), got {c['image_size']}")
     need(c["log_every"] >= 1, f"--log-every must be at least 1, got {c['log_every']}")
     need(c["step_gamma"] > 0, f"--step-gamma must be positive, got {c['step_gamma']}")
     need(c["dataset"] in DATASETS, f"unknown dataset {c['dataset']!r}; choose one of {', '.join(DATASETS)}")
@@ -237,7 +239,7 @@ EXPECTED_FILES = {
 
 
 def _torchvision_split(name: str, root: str, train: bool, download: bool = True):
-    """The torchvision dataset object; downloads when absent (if `download`), one-line error when that fails."""
+    """The torchvision dataset object; downloads when absent (if `download`), one line when that fails."""
     from torchvision import datasets
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     try:
@@ -247,8 +249,8 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool = True)
     except OSError as e:  # e.g. a name too long for the file system
         raise UserError(f"cannot read {name} under {root}: {e.strerror or e}") from None
     if not download:
-        raise UserError(f"{name} not found under {Path(root).resolve()}; expected {EXPECTED_FILES[name]} there "
-                        "(set DATA_DIR or --data-dir to the dataset root)")
+        raise UserError(f"{name} not found under {Path(root).resolve()}; expected {EXPECTED_FILES[name]} "
+                        "there (set DATA_DIR or --data-dir to the dataset root)")
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         return cls(root, train=train, download=True)

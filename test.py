@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(args) -> None:
     """Empty strings would silently mean the current folder (or, for DATA_DIR, the checkpoint's)."""
-    for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out), ("--data-dir", args.data_dir)):
+    for flag in ("--checkpoint", "--out", "--data-dir"):
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             common.check_path(flag, value)
     if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
@@ -184,8 +185,8 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
                     color="white" if share[i, j] > 0.5 else ("0.75" if v == 0 else "black"))
     long_names = max(map(len, classes)) > 3
     if n <= MAX_MATRIX_CLASSES:
-        ax.set_xticks(range(n), classes, rotation=45 if long_names else 0, ha="right" if long_names else "center",
-                      fontsize=8)
+        ax.set_xticks(range(n), classes, rotation=45 if long_names else 0,
+                      ha="right" if long_names else "center", fontsize=8)
         ax.set_yticks(range(n), classes, fontsize=8)
         ax.set(xlabel="predicted", ylabel="actual")
     else:  # names would overlap: the axes count class indices (the order of the per-class table)

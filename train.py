@@ -79,7 +79,8 @@ RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "
 OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
 # Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
-METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s"]
+METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+                  "images_per_s"]
 
 
 class Diverged(Exception):
@@ -180,8 +181,8 @@ def lock_save_dir(folder: Path) -> None:
             f.seek(0)
             holder = f.read().strip() or "?"  # "?": the holder has the lock but has not written its pid yet
             f.close()
-            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, stop it, "
-                            "or pick another --save-dir") from None
+            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
+                            "stop it, or pick another --save-dir") from None
         except OSError as e:  # a file system without locks (some network mounts): go on unguarded
             f.close()
             print(f"warning: could not lock {folder} ({e.strerror or e}); make sure no other run uses it",
@@ -210,7 +211,8 @@ def unlock_save_dir() -> None:
 
 
 def previous_run_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("epoch_*.pth")) + [n for n in RUN_FILES if (folder / n).exists()]
+    epochs = sorted(p.name for p in folder.glob("epoch_*.pth"))
+    return epochs + [n for n in RUN_FILES if (folder / n).exists()]
 
 
 def set_aside_old_run(folder: Path) -> Path | None:
@@ -291,7 +293,8 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
         try:
             os.replace(path, aside)
         except OSError as e2:
-            raise UserError(f"{path} is damaged ({e}) and could not be moved aside: {e2.strerror or e2}") from None
+            raise UserError(f"{path} is damaged ({e}) and could not be moved aside: "
+                            f"{e2.strerror or e2}") from None
         reason = str(e).splitlines()[0][:80]
         print(f"warning: {path} is damaged ({reason}): moved to {aside.name}; a new one is started",
               file=sys.stderr)
@@ -375,9 +378,9 @@ def main() -> None:
         if last_path.exists():
             raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
                             "--overwrite, or pick another --save-dir")
-        raise UserError(f"{save_dir} already holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
-                        " without a last.pth to continue it from: start over with --overwrite, or pick another "
-                        "--save-dir")
+        names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"{save_dir} already holds a run ({names}) without a last.pth to continue it from: "
+                        "start over with --overwrite, or pick another --save-dir")
     c = config
     if master:
         check_writable(save_dir)

@@ -518,8 +518,8 @@ def test_resume_with_other_class_names_is_refused(tmp_path, capsys, handlers):
     code, err = call(train.run, "train.py", [*run, "--data-dir", first, "--save-dir", save], capsys)
     assert code == 0, err
     before = digests(save)
-    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--data-dir", other, "--save-dir", save],
-                     capsys)
+    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--data-dir", other,
+                                             "--save-dir", save], capsys)
     assert code == 2 and "has classes ['ant', 'bee', 'fly'], but" in one_line(err) and "'cat'" in err
     assert digests(save) == before
 
@@ -535,7 +535,8 @@ DAMAGED_METRICS = {
 def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, capsys, handlers):
     path = saved / "metrics.csv"
     good = path.read_text()
-    damaged = DAMAGED_METRICS[kind] or (good.splitlines()[0] + ",note\n" + good.splitlines()[1] + ",x\n").encode()
+    header, row = good.splitlines()[:2]
+    damaged = DAMAGED_METRICS[kind] or f"{header},note\n{row},x\n".encode()
     path.write_bytes(damaged)
     code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
     assert code == 0, err
@@ -586,8 +587,8 @@ def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_
         return FullDisk(f) if "metrics.csv" in str(file) and ("w" in mode or "a" in mode) else f
 
     monkeypatch.setattr(builtins, "open", open_full)
-    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--save-dir", saved, "--data-dir", data],
-                     capsys)
+    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--save-dir", saved,
+                                             "--data-dir", data], capsys)
     monkeypatch.undo()
     assert code == 2 and "the disk is full" in one_line(error_lines(err)[0]) and "metrics.csv" in err
     assert load(saved / "epoch_002.pth")["epoch"] == 2  # the epoch's weights were written first
@@ -598,8 +599,9 @@ def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_
 def test_training_survives_a_stdout_nobody_reads(sink, small, tmp_path):
     """python train.py | head -1, or > /dev/full: the run still finishes, with no traceback."""
     out = subprocess.PIPE if sink == "closed-pipe" else open("/dev/full", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "2", "--data-dir", small,
-                             "--save-dir", tmp_path], cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "2", "--data-dir",
+                             small, "--save-dir", tmp_path], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
+                            text=True)
     if sink == "closed-pipe":
         proc.stdout.close()  # the reader has gone before the first line
     else:
@@ -623,8 +625,8 @@ def test_many_classes_print_the_most_confused_pairs_and_draw_a_picture_that_fits
     config.update(dataset="folder", image_size=32, width_div=16, workers=0, data_dir=str(tmp_path / "data"))
     torch.manual_seed(0)
     model = common.build_model(config, len(classes))
-    torch.save({"model": model.state_dict(), "config": config, "classes": classes, "epoch": 1, "best_acc": 0.0},
-               tmp_path / "big.pth")
+    torch.save({"model": model.state_dict(), "config": config, "classes": classes, "epoch": 1,
+                "best_acc": 0.0}, tmp_path / "big.pth")
     real_savefig = Figure.savefig
 
     def bounded_savefig(fig, *args, **kwargs):
@@ -682,7 +684,8 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("args,message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
 def test_bad_setting_is_one_line_and_overwrite_keeps_the_old_run(args, message, saved, data, capsys):
     before = digests(saved)
-    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", data, *args], capsys)
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", data, *args],
+                     capsys)
     assert code == 2 and message in one_line(err)
     assert digests(saved) == before
 
@@ -696,13 +699,15 @@ def test_a_checkpoint_config_of_the_wrong_type_is_one_line(saved, data, capsys):
 
 
 def test_empty_data_dir_variable_is_an_error_in_both_scripts(saved, tmp_path, test_script, capsys):
-    script = importlib.util.module_from_spec(importlib.util.spec_from_file_location("train_env", ROOT / "train.py"))
+    spec = importlib.util.spec_from_file_location("train_env", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DATA_DIR", "")
         script.__spec__.loader.exec_module(script)  # DATA_DIR is read when train.py starts
         code, err = call(script.run, "train.py", ["--save-dir", tmp_path / "new"], capsys)
         assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
-        code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu"], capsys)
+        code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu"],
+                         capsys)
         assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
 
 
