@@ -140,6 +140,11 @@ def check_config(c: dict) -> None:
     need(c["image_size"] <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's "
          f"activations at {c['image_size']} px do not fit in any device's memory), got {c['image_size']}")
     need(c["log_every"] >= 1, f"--log-every must be at least 1, got {c['log_every']}")
+    # Upper bounds: beyond them a value fails deep inside torch (64-bit overflows) or the OS.
+    need(c["batch_size"] <= 2**31 - 1, f"--batch-size must be at most {2**31 - 1}, got {c['batch_size']}")
+    need(c["epochs"] <= 1_000_000,  # epoch shuffles are seeded by seed * 1_000_003 + epoch
+         f"--epochs must be at most 1000000, got {c['epochs']}")
+    need(c["workers"] <= 256, f"--workers must be at most 256, got {c['workers']}")
     need(c["step_gamma"] > 0, f"--step-gamma must be positive, got {c['step_gamma']}")
     need(c["dataset"] in DATASETS, f"unknown dataset {c['dataset']!r}; choose one of {', '.join(DATASETS)}")
     need(c["depth"] in CFGS, f"unknown VGG depth {c['depth']}; choose one of {', '.join(map(str, CFGS))}")

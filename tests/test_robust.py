@@ -558,7 +558,7 @@ def test_metrics_with_another_header_is_set_aside_when_appending(tmp_path, capsy
 
 
 def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_written(
-        saved, data, monkeypatch, capsys, handlers):
+        saved, small, monkeypatch, capsys, handlers):
     """ENOSPC when metrics.csv is written at the end of an epoch: the epoch's checkpoints are already on
     disk, the error is one line, and no empty or half-written metrics.csv remains."""
     import builtins
@@ -588,7 +588,7 @@ def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_
 
     monkeypatch.setattr(builtins, "open", open_full)
     code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--save-dir", saved,
-                                             "--data-dir", data], capsys)
+                                             "--data-dir", small], capsys)  # same classes, 2 steps
     monkeypatch.undo()
     assert code == 2 and "the disk is full" in one_line(error_lines(err)[0]) and "metrics.csv" in err
     assert load(saved / "epoch_002.pth")["epoch"] == 2  # the epoch's weights were written first
@@ -676,6 +676,9 @@ BAD_SETTINGS = [
     (["--step-gamma", "-5"], "--step-gamma must be positive, got -5.0"),
     (["--step-gamma", "0"], "--step-gamma must be positive, got 0.0"),
     (["--image-size", "100000"], "--image-size must be at most 2048"),
+    (["--batch-size", str(2**62)], "--batch-size must be at most 2147483647"),
+    (["--epochs", "10000000"], "--epochs must be at most 1000000"),
+    (["--workers", "100000"], "--workers must be at most 256"),
     (["--save-dir", ""], "--save-dir is empty"),
     (["--data-dir", ""], "--data-dir (or DATA_DIR) is empty"),
 ]
