@@ -148,17 +148,40 @@ def setup_distributed() -> tuple[int, int, int | None]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def console(*args, file=None, **kwargs) -> None:
-    """print for progress lines: a reader that has gone (`| head -1`) or a full disk behind stdout
-    (`> /dev/full`) must never end a training run, so a failed write silences that stream instead."""
-    file = file or sys.stdout
-    try:
-        print(*args, file=file, **{**kwargs, "flush": True})  # a failure surfaces here, not in the exit flush
-    except OSError:
-        try:  # later lines and the flush at exit then go nowhere, quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
+class QuietStream:
+    """A text stream whose write errors are swallowed: a reader that has gone (`| head -1`) or a full disk
+    behind stdout or stderr (`> /dev/full`) must never end a training run. After the first failure the
+    stream's file descriptor points at /dev/null, so later lines and the flush at exit go nowhere, quietly."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._silence()
+
+    def _silence(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
         except (OSError, ValueError):
             pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: what tqdm asks of its stream
+        return getattr(self.stream, name)
+
+
+def console(*args, file=None, **kwargs) -> None:
+    """print for progress lines (see QuietStream); flushed, so a failure surfaces here, not at exit."""
+    print(*args, file=QuietStream(file or sys.stdout), **{**kwargs, "flush": True})
 
 
 _lock = None  # (open file, path) of SAVE_DIR/.lock while this process holds it
@@ -551,7 +574,7 @@ def main() -> None:
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         seen = 0
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
-                   disable=not master, dynamic_ncols=True, leave=False)
+                   disable=not master, dynamic_ncols=True, leave=False, file=QuietStream(sys.stderr))
         t_log, seen_log = time.perf_counter(), 0
         step = start_step
         for x, y in batches:

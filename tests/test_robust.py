@@ -596,17 +596,17 @@ def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_
 
 
 @pytest.mark.parametrize("sink", ["closed-pipe", "dev-full"])
-def test_training_survives_a_stdout_nobody_reads(sink, small, tmp_path):
-    """python train.py | head -1, or > /dev/full: the run still finishes, with no traceback."""
-    out = subprocess.PIPE if sink == "closed-pipe" else open("/dev/full", "w")
+def test_training_survives_output_nobody_reads(sink, small, tmp_path):
+    """python train.py | head -1 (stdout), or > /dev/full 2>&1 (stdout and the progress bar on stderr):
+    the run still finishes, with no traceback."""
+    full = open("/dev/full", "w")
+    out, err = (subprocess.PIPE, subprocess.PIPE) if sink == "closed-pipe" else (full, full)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "2", "--data-dir",
-                             small, "--save-dir", tmp_path], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
-                            text=True)
+                             small, "--save-dir", tmp_path], cwd=ROOT, stdout=out, stderr=err, text=True)
+    full.close()
     if sink == "closed-pipe":
         proc.stdout.close()  # the reader has gone before the first line
-    else:
-        out.close()
-    err = proc.communicate(timeout=300)[1]
+    err = proc.communicate(timeout=300)[1] or ""
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Exception ignored" not in err
     assert load(tmp_path / "last.pth")["epoch"] == 2
