@@ -197,7 +197,10 @@ def lock_save_dir(folder: Path) -> None:
         return
     path = folder / ".lock"
     while True:
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # e.g. a folder of that name
+            raise UserError(f"cannot open the lock file {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
