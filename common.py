@@ -96,11 +96,57 @@ SCHEDULES = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
+# Seeds derived from the run's seed (seed * 1_000_003 + epoch, ...) must stay within the 64 bits
+# torch's generators take; 2**32 - 1 leaves room, and is the range most tools use.
+SEED_MAX = 2**32 - 1
+# A VGG at 2048 px keeps about 13 GB of activations per training image (counted from its layer sizes):
+# beyond that not even one image fits on a device.
+MAX_IMAGE_SIZE = 2048
+INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size", "step_epochs", "seed",
+                "keep", "log_every")
+FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
+                  "save_every_minutes")
+
+
+def check_seed(name: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{name} must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+
+
+def check_path(name: str, value) -> None:
+    """An empty string would silently mean the current folder."""
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{name} is empty: give a path (. for the current folder)")
+
+
 def check_config(c: dict) -> None:
     """Reject values that cannot work, before any data is read or any file is written."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
+    # Types first: a checkpoint's stored config is checked too, and may have been edited.
+    for key in INT_SETTINGS:
+        need(isinstance(c[key], int) and not isinstance(c[key], bool),
+             f"--{key.replace('_', '-')} must be an integer, got {c[key]!r}")
+    for key in FLOAT_SETTINGS:
+        flag = "--" + key.replace("_", "-")
+        need(isinstance(c[key], (int, float)) and not isinstance(c[key], bool),
+             f"{flag} must be a number, got {c[key]!r}")
+        need(math.isfinite(c[key]), f"{flag} must be a finite number, got {c[key]}")
+    for key in ("batch_norm", "compile"):
+        need(isinstance(c[key], bool), f"--{key.replace('_', '-')} must be true or false, got {c[key]!r}")
+    check_path("--data-dir (or DATA_DIR)", c["data_dir"])
+    check_path("--save-dir", c["save_dir"])
+    check_seed("--seed", c["seed"])
+    need(c["image_size"] <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's "
+         f"activations at {c['image_size']} px do not fit in any device's memory), got {c['image_size']}")
+    need(c["log_every"] >= 1, f"--log-every must be at least 1, got {c['log_every']}")
+    # Upper bounds: beyond them a value fails deep inside torch (64-bit overflows) or the OS.
+    need(c["batch_size"] <= 2**31 - 1, f"--batch-size must be at most {2**31 - 1}, got {c['batch_size']}")
+    need(c["epochs"] <= 1_000_000,  # epoch shuffles are seeded by seed * 1_000_003 + epoch
+         f"--epochs must be at most 1000000, got {c['epochs']}")
+    need(c["workers"] <= 256, f"--workers must be at most 256, got {c['workers']}")
+    need(c["step_gamma"] > 0, f"--step-gamma must be positive, got {c['step_gamma']}")
     need(c["dataset"] in DATASETS, f"unknown dataset {c['dataset']!r}; choose one of {', '.join(DATASETS)}")
     need(c["depth"] in CFGS, f"unknown VGG depth {c['depth']}; choose one of {', '.join(map(str, CFGS))}")
     need(c["width_div"] >= 1 and 64 % c["width_div"] == 0,
@@ -218,14 +264,19 @@ EXPECTED_FILES = {
 }
 
 
-def _torchvision_split(name: str, root: str, train: bool):
-    """The torchvision dataset object; downloads when absent, one-line error when that fails."""
+def _torchvision_split(name: str, root: str, train: bool, download: bool = True):
+    """The torchvision dataset object; downloads when absent (if `download`), one line when that fails."""
     from torchvision import datasets
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     try:
         return cls(root, train=train, download=False)
     except RuntimeError:
         pass  # not on disk: try to download it
+    except OSError as e:  # e.g. a name too long for the file system
+        raise UserError(f"cannot read {name} under {root}: {e.strerror or e}") from None
+    if not download:
+        raise UserError(f"{name} not found under {Path(root).resolve()}; expected {EXPECTED_FILES[name]} "
+                        "there (set DATA_DIR or --data-dir to the dataset root)")
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         return cls(root, train=train, download=True)
@@ -390,8 +441,9 @@ def _rgb(img):
     return img.convert("RGB")
 
 
-def load_split(c: dict, train: bool, device: torch.device, classes=None):
-    """The training or test split named by config c, ready to hand out batches on `device`."""
+def load_split(c: dict, train: bool, device: torch.device, classes=None, download: bool = True):
+    """The training or test split named by config c, ready to hand out batches on `device`.
+    download=False: a torchvision dataset that is not on disk is an error, and nothing is created."""
     root = Path(c["data_dir"])
     mean, std = STATS[c["dataset"]]
     if c["dataset"] == "folder":
@@ -403,7 +455,7 @@ def load_split(c: dict, train: bool, device: torch.device, classes=None):
             return FolderImages(split, classes, mean, std, c["image_size"], device, c["workers"])
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {split}: {e}") from None
-    ds = _torchvision_split(c["dataset"], str(root), train)
+    ds = _torchvision_split(c["dataset"], str(root), train, download)
     images = torch.as_tensor(ds.data)
     if images.ndim == 3:             # MNIST: (N, 28, 28)
         images = images.unsqueeze(1)
@@ -540,12 +592,18 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint written by train.py. weights_only=True: a file cannot run code when loaded."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not exists:
         raise UserError(f"checkpoint {path} does not exist (train first: python train.py)")
-    if not path.is_file():
+    if not is_file:  # a folder, a FIFO (which would block), a device
         raise UserError(f"checkpoint {path} is not a file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except pickle.UnpicklingError:
         raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
                         "(weights_only=True)") from None

@@ -78,6 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_paths(args) -> None:
+    """Empty strings would silently mean the current folder (or, for DATA_DIR, the checkpoint's)."""
+    for flag in ("--checkpoint", "--out", "--data-dir"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            common.check_path(flag, value)
+    if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
+        common.check_path("--data-dir (or DATA_DIR)", "")
+    if args.grid_seed is not None:
+        common.check_seed("--grid-seed", args.grid_seed)
+
+
 def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
     ckpt = common.load_checkpoint(path, map_location="cpu")
@@ -107,15 +119,34 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch
     return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
 
 
+MAX_MATRIX_CLASSES = 30  # beyond this the confusion matrix is too wide to read: the worst pairs are listed
+MOST_CONFUSED = 20      # how many of them
+
+
+def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) -> list[str]:
+    """The k largest off-diagonal cells as `actual -> predicted: count (share of actual)`."""
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(min(k, off.numel()))
+    n, totals = len(classes), cm.sum(1).tolist()
+    return [f"{classes[i // n]} -> {classes[i % n]}: {v} ({v / totals[i // n]:.1%} of {classes[i // n]})"
+            for v, i in zip(counts.tolist(), flat.tolist()) if v > 0]
+
+
 def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     """The per-class table and the confusion matrix as text. Long class names (cifar10's "automobile")
-    would make 10 columns too wide, so the matrix then numbers its columns and rows."""
+    would make 10 columns too wide, so the matrix then numbers its columns and rows. Above
+    MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
     count, correct = cm.sum(1).tolist(), cm.diag().tolist()
     name_w = max(5, *map(len, classes))
     lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}"]
     for name, n, k in zip(classes, count, correct):
         lines.append(f"{name:<{name_w}}  {n:>6}  {k:>7}  {k / n if n else float('nan'):>8.2%}")
 
+    if len(classes) > MAX_MATRIX_CLASSES:
+        pairs = most_confused(cm, classes)
+        lines += ["", f"most confused pairs (actual -> predicted), of {len(classes)} classes:"]
+        return "\n".join(lines + ["  " + p for p in pairs] + ([] if pairs else ["  none: no mistakes"]))
     short = max(map(len, classes)) <= 5
     cols = classes if short else [str(j) for j in range(len(classes))]
     rows = classes if short else [f"{i} {name}" for i, name in enumerate(classes)]
@@ -143,7 +174,7 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
     n = len(classes)
     share = (cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
-    side = max(4.0, 0.4 * n + 1.4)
+    side = min(max(4.0, 0.4 * n + 1.4), 16.0)  # at most 1600 px: with many classes a cell is a pixel or less
     fig = Figure(figsize=(side, side * 0.92), dpi=100, layout="constrained")
     ax = fig.subplots()
     # gamma < 1 so that a class confused 1% of the time is already visibly tinted
@@ -153,10 +184,13 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                     color="white" if share[i, j] > 0.5 else ("0.75" if v == 0 else "black"))
     long_names = max(map(len, classes)) > 3
-    ax.set_xticks(range(n), classes, rotation=45 if long_names else 0, ha="right" if long_names else "center",
-                  fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="actual")
+    if n <= MAX_MATRIX_CLASSES:
+        ax.set_xticks(range(n), classes, rotation=45 if long_names else 0,
+                      ha="right" if long_names else "center", fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+        ax.set(xlabel="predicted", ylabel="actual")
+    else:  # names would overlap: the axes count class indices (the order of the per-class table)
+        ax.set(xlabel="predicted (class index)", ylabel="actual (class index)")
     acc = cm.diag().sum().item() / max(1, cm.sum().item())
     ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
     save_figure(fig, path)
@@ -196,7 +230,7 @@ def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tenso
 def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     classes = ckpt["classes"]
     out = output_dir(args)  # before the evaluation, which can take a while: fail early if it cannot be made
-    data = common.load_split(c, False, device, classes=classes)
+    data = common.load_split(c, False, device, classes=classes, download=False)  # never into a wrong DATA_DIR
     preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size), device, amp).argmax(1)
     labels = data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
@@ -242,8 +276,10 @@ def find_images(paths: list[str], report) -> list[Path]:
             if not inside:
                 report(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found += inside
-        elif path.exists():
+        elif path.is_file():
             found.append(path)
+        elif path.exists():  # a FIFO or a device: opening it could block for ever
+            report(f"{path} is not a regular file")
         else:
             report(f"{path} does not exist")
     return found
@@ -334,6 +370,7 @@ def predict_files(args, model, c, classes, device, amp) -> int:
 
 def main() -> None:
     args = parse_args()
+    check_paths(args)
     device = common.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])

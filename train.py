@@ -11,8 +11,10 @@ Then `python test.py` reloads save_model/best.pth and shows predicted against ac
 """
 
 import csv
+import errno
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+
+try:
+    import fcntl  # the save-folder lock; not on Windows
+except ImportError:
+    fcntl = None
 
 import common
 from common import UserError
@@ -68,8 +75,12 @@ RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "
                 "log_every", "epochs")
 
 
-# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them before training.
+# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's first save.
 OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
+# Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
+METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+                  "images_per_s"]
 
 
 class Diverged(Exception):
@@ -169,6 +180,135 @@ def setup_distributed() -> tuple[int, int, int | None]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
+class QuietStream:
+    """A text stream whose write errors are swallowed: a reader that has gone (`| head -1`) or a full disk
+    behind stdout or stderr (`> /dev/full`) must never end a training run. After the first failure the
+    stream's file descriptor points at /dev/null, so later lines and the flush at exit go nowhere, quietly."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._silence()
+
+    def _silence(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: what tqdm asks of its stream
+        return getattr(self.stream, name)
+
+
+def console(*args, file=None, **kwargs) -> None:
+    """print for progress lines (see QuietStream); flushed, so a failure surfaces here, not at exit."""
+    print(*args, file=QuietStream(file or sys.stdout), **{**kwargs, "flush": True})
+
+
+_lock = None  # (open file, path) of SAVE_DIR/.lock while this process holds it
+
+
+def lock_save_dir(folder: Path) -> None:
+    """Take SAVE_DIR/.lock for the whole run, before anything in the folder is read or changed: a second
+    train.py on the same folder is refused with the holder's pid. The OS drops the lock when the process
+    ends, however it ends, so kill -9 leaves no stale lock behind (only the file, which is taken over)."""
+    global _lock
+    check_writable(folder)
+    if fcntl is None:
+        return
+    path = folder / ".lock"
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # e.g. a folder of that name
+            raise UserError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"  # "?": the holder has the lock but has not written its pid yet
+            f.close()
+            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
+                            "stop it, or pick another --save-dir") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on unguarded
+            f.close()
+            print(f"warning: could not lock {folder} ({e.strerror or e}); make sure no other run uses it",
+                  file=sys.stderr)
+            return
+        try:  # the holder may have ended and removed the file between our open and our lock
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _lock = (f, path)
+
+
+def unlock_save_dir() -> None:
+    """Remove the lock file, then let go of the lock (in that order: see lock_save_dir's inode check)."""
+    global _lock
+    if _lock is not None:
+        f, path = _lock
+        path.unlink(missing_ok=True)
+        f.close()
+        _lock = None
+
+
+def previous_run_files(folder: Path) -> list[str]:
+    epochs = sorted(p.name for p in folder.glob("epoch_*.pth"))
+    return epochs + [n for n in RUN_FILES if (folder / n).exists()]
+
+
+def set_aside_old_run(folder: Path) -> Path | None:
+    """--overwrite: move the previous run's files into SAVE_DIR/.replaced/ just before the new run's first
+    save (renames, so instant). A new run that fails earlier leaves the old one whole; one killed during
+    its first save leaves the old files in .replaced/."""
+    old = [p for p in [*folder.glob("epoch_*.pth"), *(folder / n for n in OLD_RUN_FILES)]
+           if p.exists() or p.is_symlink()]
+    if not old:
+        return None
+    aside = folder / ".replaced"
+    shutil.rmtree(aside, ignore_errors=True)  # left by an --overwrite killed in its first save
+    aside.mkdir()
+    for p in old:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def restore_best(folder: Path, best_acc: float, log) -> bool:
+    """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch.
+    False when none of them is that epoch."""
+    best = folder / "best.pth"
+    if best.exists() or best_acc <= 0:
+        return True
+    for path in sorted(folder.glob("epoch_*.pth"), reverse=True):
+        try:  # mmap: only the few plain values are read from the disk
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        if isinstance(weights, dict) and weights.get("test_acc") == best_acc:
+            common.save_checkpoint(weights, best)
+            log(f"resume: {best} was missing: restored from {path.name}")
+            return True
+    log(f"resume: {best} is missing and no kept epoch_NNN.pth is the best epoch: the best of the epochs "
+        "to come becomes best.pth")
+    return False
+
+
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -186,24 +326,67 @@ def rotate(save_dir: Path, keep: int) -> None:
             old.unlink(missing_ok=True)
 
 
+def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
+    """metrics.csv's rows, header first; None when there is none. metrics.csv is a log, never a reason to
+    stop: one that cannot be read as written by this header is set aside with a warning."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        if not path.is_file():  # a folder, or a FIFO that would block
+            raise ValueError("not a regular file")
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != header:
+            raise ValueError("another header")
+        for r in rows[1:]:
+            if len(r) != len(header):
+                raise ValueError(f"a row of {len(r)} columns")
+            int(r[0])
+    except (OSError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        aside = path.with_name(path.name + ".damaged")
+        n = 1
+        while aside.exists() or aside.is_symlink():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged{n}")
+        try:
+            os.replace(path, aside)
+        except OSError as e2:
+            raise UserError(f"{path} is damaged ({e}) and could not be moved aside: "
+                            f"{e2.strerror or e2}") from None
+        reason = str(e).splitlines()[0][:80]
+        print(f"warning: {path} is damaged ({reason}): moved to {aside.name}; a new one is started",
+              file=sys.stderr)
+        return None
+    return rows
+
+
+def write_metrics(path: Path, rows: list[list[str]]) -> None:
+    """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a row."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"could not write {path}: {reason}; the previous {path.name} is unchanged") from None
+
+
 def append_metrics(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    rows = read_metrics(path, list(row)) or [list(row)]
+    write_metrics(path, rows + [[str(v) for v in row.values()]])
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop rows of epochs after the checkpoint's (written by a run that died before saving last.pth)."""
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs_done]
+    rows = read_metrics(path, METRICS_FIELDS)
+    if rows is not None:
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
         if len(kept) != len(rows):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
+            write_metrics(path, kept)
 
 
 def sum_across(values: list[float], device, distributed: bool) -> list[float]:
@@ -297,9 +480,11 @@ def main() -> None:
     common.check_config(config)
     rank, world, local_rank = setup_distributed()
     distributed, master = world > 1, rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = console if master else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
     last_path = save_dir / "last.pth"
+    if master:
+        lock_save_dir(save_dir)
 
     # ---- resume or start: decided before anything is written
     ckpt = None
@@ -309,9 +494,13 @@ def main() -> None:
             raise UserError(f"{last_path} has no training state to resume from")
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         common.check_config(config)
-    elif last_path.exists() and not args.overwrite:
-        raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
-                        "--overwrite, or pick another --save-dir")
+    elif not args.overwrite and (found := previous_run_files(save_dir)):
+        if last_path.exists():
+            raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
+                            "--overwrite, or pick another --save-dir")
+        names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise UserError(f"{save_dir} already holds a run ({names}) without a last.pth to continue it from: "
+                        "start over with --overwrite, or pick another --save-dir")
     c = config
     if master:
         check_writable(save_dir)
@@ -319,6 +508,8 @@ def main() -> None:
             stale.unlink(missing_ok=True)
         if ckpt is not None:
             truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
+            if not restore_best(save_dir, ckpt["best_acc"], log):
+                ckpt["best_acc"] = 0.0  # so that the next epoch writes best.pth again
 
     # ---- device, precision, processes
     device = common.pick_device(c["device"], local_rank)
@@ -348,6 +539,13 @@ def main() -> None:
     train_data = common.load_split(c, True, device)
     test_data = common.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
+    if len(classes) < 2:
+        raise UserError(f"the training set has only {len(classes)} class ({', '.join(classes)}); "
+                        "a classifier needs at least 2")
+    if ckpt is not None and list(ckpt["classes"]) != list(classes):
+        shown = lambda names: f"{list(names)[:10]}{' ...' if len(names) > 10 else ''}"  # noqa: E731
+        raise UserError(f"{c['data_dir']} has classes {shown(classes)}, but {last_path} was trained on "
+                        f"{shown(ckpt['classes'])}: resume with the data the run began with")
     augment = common.augment_enabled(c)
     if len(train_data) < world:
         raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} processes")
@@ -466,11 +664,23 @@ def main() -> None:
         return bool(signum), bool(save)
 
     # ---- training
-    if master and args.overwrite and ckpt_epoch is None:
-        # Only now that data and model are ready: a mistyped option never costs the old run.
-        for old in [*save_dir.glob("epoch_*.pth"), *(save_dir / n for n in OLD_RUN_FILES)]:
-            old.unlink(missing_ok=True)
-        log(f"--overwrite: removed the previous run's files from {save_dir}")
+    # --overwrite: the old run goes only at the new one's first save, so a new run that fails before it
+    # (a bad file, a loss that diverges, a Ctrl-C) never costs the old one.
+    replace_old = master and args.overwrite and ckpt_epoch is None
+
+    def first_save(before: bool) -> None:
+        nonlocal replace_old, replaced
+        if not replace_old:
+            return
+        if before:
+            replaced = set_aside_old_run(save_dir)
+            return
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+            log(f"--overwrite: removed the previous run's files from {save_dir}")
+        replace_old = False
+
+    replaced = None
     last_save = time.monotonic()
     first_steps = []  # when the first two steps of this invocation ended
     for epoch in range(start_epoch, c["epochs"]):
@@ -487,7 +697,7 @@ def main() -> None:
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         seen = 0
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
-                   disable=not master, dynamic_ncols=True, leave=False)
+                   disable=not master, dynamic_ncols=True, leave=False, file=QuietStream(sys.stderr))
         t_log, seen_log = time.perf_counter(), 0
         step = start_step
         for x, y in batches:
@@ -526,7 +736,9 @@ def main() -> None:
                 state = checkpoint(epoch, step, [partial[0] + float(loss_sum), partial[1] + int(correct),
                                                  partial[2] + seen])
                 if master:
+                    first_save(before=True)
                     common.save_checkpoint(state, last_path)
+                    first_save(before=False)
                 last_save = time.monotonic()
                 if stopping and distributed:
                     dist.barrier()  # torchrun ends the group when one process exits: not before the save
@@ -553,19 +765,21 @@ def main() -> None:
         best_acc = max(best_acc, test_acc)
         state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
         if master:
-            # last.pth goes last: if the run dies before it, --resume redoes this epoch, and the
-            # metrics row written here is dropped again (see truncate_metrics).
-            append_metrics(save_dir / "metrics.csv", {
-                "epoch": epoch + 1, "train_loss": f"{train_loss / train_seen:.6f}",
-                "train_acc": f"{train_correct / train_seen:.6f}", "test_loss": f"{test_loss:.6f}",
-                "test_acc": f"{test_acc:.6f}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}",
-                "images_per_s": f"{train_seen / seconds:.1f}"})
-            common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
+            # The epoch's weights first, so a full disk at the metrics write cannot cost them; last.pth
+            # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
+            # written here is dropped again (see truncate_metrics).
+            first_save(before=True)
             weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
             common.save_checkpoint(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
             if is_best:
                 common.save_checkpoint(weights, save_dir / "best.pth")
+            append_metrics(save_dir / "metrics.csv", dict(zip(METRICS_FIELDS, [
+                epoch + 1, f"{train_loss / train_seen:.6f}", f"{train_correct / train_seen:.6f}",
+                f"{test_loss:.6f}", f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}",
+                f"{train_seen / seconds:.1f}"])))
+            common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
             common.save_checkpoint(state, last_path)
+            first_save(before=False)
             rotate(save_dir, c["keep"])
             last_save = time.monotonic()
         log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
@@ -595,6 +809,8 @@ def run() -> None:
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
         sys.exit(130)
+    finally:
+        unlock_save_dir()  # for callers that run main() again in the same process (the tests)
 
 
 if __name__ == "__main__":

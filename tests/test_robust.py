@@ -444,3 +444,336 @@ def test_file_size_limit_reached_while_training_saves(saved, data):
     assert len(error) == 1 and "could not write" in error[0] and "the previous checkpoint is unchanged" in error[0]
     assert last.read_bytes() == before
     assert not list(saved.glob(".*tmp*"))
+
+
+# ------------------------------------------------------------------ round two: what adversarial inputs broke
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """64 training images: 2 steps an epoch at TINY's batch size, for tests that only need a run to happen."""
+    return make_mnist(tmp_path_factory.mktemp("small"), n_train=64, n_test=32)
+
+
+@pytest.fixture
+def handlers():
+    """train.main installs its own SIGINT/SIGTERM handlers: put pytest's back after an in-process run."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]  # stderr also holds the progress bar
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(saved, small, capsys, handlers):
+    """--overwrite with a run that fails after every start-up check (here: it diverges in its first epoch)
+    leaves the old run whole; a run that gets to its first save then replaces every old file."""
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", small, *TINY,
+                                             "--lr", "1e30"], capsys)
+    assert code == 3 and "the loss became NaN or infinite" in one_line(error_lines(err)[0])
+    assert digests(saved) == before
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", small, *TINY,
+                                             "--seed", "7"], capsys)
+    assert code == 0, err
+    assert load(saved / "last.pth")["config"]["seed"] == 7
+    assert load(saved / "best.pth")["config"]["seed"] == 7
+    assert len((saved / "metrics.csv").read_text().splitlines()) == 2  # the header and the new run's epoch 1
+    assert sorted(p.name for p in saved.iterdir() if p.name != ".lock") == [
+        "best.pth", "curves.png", "epoch_001.pth", "last.pth", "metrics.csv"]
+
+
+@pytest.mark.parametrize("kept", ["best.pth", "epoch_001.pth", "metrics.csv"])
+def test_any_file_of_a_previous_run_blocks_a_fresh_run(kept, saved, data, capsys, handlers):
+    for p in saved.iterdir():
+        if p.name != kept:
+            p.unlink()
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--save-dir", saved, "--data-dir", data, *TINY], capsys)
+    assert code == 2 and f"already holds a run ({kept})" in one_line(err) and "--overwrite" in err
+    assert digests(saved) == before
+
+
+def test_a_second_run_on_a_busy_save_folder_is_refused_and_harms_nothing(small, tmp_path, capsys):
+    """Two runs on one folder: the second, whatever it asks for, gets one line naming the first's pid,
+    and the first finishes as if alone."""
+    first = popen(*TINY, "--epochs", "2", "--data-dir", small, "--save-dir", tmp_path)
+    assert first.stdout.readline().startswith("VGG16")  # data and model ready: well past taking the folder
+    for args in ([*TINY, "--data-dir", small], ["--resume", "--device", "cuda"], [*TINY, "--overwrite"]):
+        code, err = call(train.run, "train.py", ["--save-dir", tmp_path, *args], capsys)
+        assert code == 2 and f"is in use by another train.py (pid {first.pid})" in one_line(err), args
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_resume_with_other_class_names_is_refused(tmp_path, capsys, handlers):
+    first = make_folder(tmp_path / "a", n_train=6, n_test=3)
+    other = make_folder(tmp_path / "b", n_train=6, n_test=3, classes=("ant", "bee", "fly"))
+    save = tmp_path / "save"
+    run = [*TINY, "--dataset", "folder", "--workers", "0", "--batch-size", "4"]
+    code, err = call(train.run, "train.py", [*run, "--data-dir", first, "--save-dir", save], capsys)
+    assert code == 0, err
+    before = digests(save)
+    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--data-dir", other,
+                                             "--save-dir", save], capsys)
+    assert code == 2 and "has classes ['ant', 'bee', 'fly'], but" in one_line(err) and "'cat'" in err
+    assert digests(save) == before
+
+
+DAMAGED_METRICS = {
+    "garbage-line": b"epoch,train_loss\n1,0.5\n\x00\x00garbage,,,\n",
+    "not-utf8": b"epoch,train_loss\n1,0.5\n\xff\xfe\xfa\n",
+    "extra-column": None,  # the real header with one more column
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_METRICS)
+def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, capsys, handlers):
+    path = saved / "metrics.csv"
+    good = path.read_text()
+    header, row = good.splitlines()[:2]
+    damaged = DAMAGED_METRICS[kind] or f"{header},note\n{row},x\n".encode()
+    path.write_bytes(damaged)
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 0, err
+    warning = one_line(err)
+    assert warning.startswith("warning: ") and "metrics.csv.damaged" in warning
+    assert (saved / "metrics.csv.damaged").read_bytes() == damaged
+    # New rows are written under the right header, never appended to the damaged file.
+    train.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
+    assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
+
+
+def test_metrics_with_another_header_is_set_aside_when_appending(tmp_path, capsys):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,test_acc,note\n1,0.4,x\n")
+    train.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
+    assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
+    assert (tmp_path / "metrics.csv.damaged").read_text() == "epoch,test_acc,note\n1,0.4,x\n"
+    assert "metrics.csv.damaged" in one_line(capsys.readouterr().err)
+
+
+def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_written(
+        saved, small, monkeypatch, capsys, handlers):
+    """ENOSPC when metrics.csv is written at the end of an epoch: the epoch's checkpoints are already on
+    disk, the error is one line, and no empty or half-written metrics.csv remains."""
+    import builtins
+    real_open = builtins.open
+    metrics = saved / "metrics.csv"
+    metrics.unlink()  # as after a crash that lost it; the run itself is resumed
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "metrics.csv" in str(file) and ("w" in mode or "a" in mode) else f
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--save-dir", saved,
+                                             "--data-dir", small], capsys)  # same classes, 2 steps
+    monkeypatch.undo()
+    assert code == 2 and "the disk is full" in one_line(error_lines(err)[0]) and "metrics.csv" in err
+    assert load(saved / "epoch_002.pth")["epoch"] == 2  # the epoch's weights were written first
+    assert not metrics.exists() and not list(saved.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("sink", ["closed-pipe", "dev-full"])
+def test_training_survives_output_nobody_reads(sink, small, tmp_path):
+    """python train.py | head -1 (stdout), or > /dev/full 2>&1 (stdout and the progress bar on stderr):
+    the run still finishes, with no traceback."""
+    full = open("/dev/full", "w")
+    out, err = (subprocess.PIPE, subprocess.PIPE) if sink == "closed-pipe" else (full, full)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, "--epochs", "2", "--data-dir",
+                             small, "--save-dir", tmp_path], cwd=ROOT, stdout=out, stderr=err, text=True)
+    full.close()
+    if sink == "closed-pipe":
+        proc.stdout.close()  # the reader has gone before the first line
+    err = proc.communicate(timeout=300)[1] or ""
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert load(tmp_path / "last.pth")["epoch"] == 2
+
+
+def test_many_classes_print_the_most_confused_pairs_and_draw_a_picture_that_fits(tmp_path, test_script,
+                                                                                 monkeypatch, capsys):
+    """A 1,000-class model: no million-cell matrix on stdout, and a confusion picture of bounded size."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+    classes = [f"c{i:03d}" for i in range(1000)]
+    for i, name in enumerate(classes):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (i % 256, i // 4 % 256, 0)).save(tmp_path / "data" / "test" / name / "0.png")
+    config = {k.lower(): v for k, v in train.hyperparameters().items()}
+    config.update(dataset="folder", image_size=32, width_div=16, workers=0, data_dir=str(tmp_path / "data"))
+    torch.manual_seed(0)
+    model = common.build_model(config, len(classes))
+    torch.save({"model": model.state_dict(), "config": config, "classes": classes, "epoch": 1,
+                "best_acc": 0.0}, tmp_path / "big.pth")
+    real_savefig = Figure.savefig
+
+    def bounded_savefig(fig, *args, **kwargs):
+        w, h = fig.get_size_inches() * fig.dpi
+        assert w * h <= 4000 * 4000, f"a {w:.0f} x {h:.0f} px picture"  # before anything is allocated
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", bounded_savefig)
+    old = sys.argv
+    sys.argv = ["test.py", "--checkpoint", str(tmp_path / "big.pth"), "--device", "cpu", "--grid", "0"]
+    try:
+        test_script()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr().out
+    assert len(out) < 200_000 and "most confused" in out
+    with Image.open(tmp_path / "confusion.png") as im:
+        assert im.width * im.height <= 4000 * 4000
+
+
+def test_many_classes_text_output(tmp_path, test_script):
+    """format_tables on 1,000 classes: a per-class table and the most-confused pairs, not the matrix."""
+    ts = importlib.util.module_from_spec(importlib.util.spec_from_file_location("t", ROOT / "test.py"))
+    ts.__spec__.loader.exec_module(ts)
+    n = 1000
+    labels = torch.arange(n).repeat(3)
+    preds = labels.clone()
+    preds[:n] = (labels[:n] + 1) % n     # every class mistaken once for the next
+    preds[:5] = 999                      # classes 0..4 taken for class 999
+    cm = ts.confusion_matrix(preds, labels, n)
+    text = ts.format_tables(cm, [f"class{i}" for i in range(n)])
+    assert len(text) < 200_000
+    assert "confusion matrix (rows" not in text and "most confused" in text
+    assert "class0 -> class999: 1 (33.3% of class0)" in text
+
+
+BAD_SETTINGS = [
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--seed", "100000000000000000"], "--seed must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number, got nan"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--step-gamma", "-5"], "--step-gamma must be positive, got -5.0"),
+    (["--step-gamma", "0"], "--step-gamma must be positive, got 0.0"),
+    (["--image-size", "100000"], "--image-size must be at most 2048"),
+    (["--batch-size", str(2**62)], "--batch-size must be at most 2147483647"),
+    (["--epochs", "10000000"], "--epochs must be at most 1000000"),
+    (["--workers", "100000"], "--workers must be at most 256"),
+    (["--save-dir", ""], "--save-dir is empty"),
+    (["--data-dir", ""], "--data-dir (or DATA_DIR) is empty"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_SETTINGS, ids=[" ".join(a) for a, _ in BAD_SETTINGS])
+def test_bad_setting_is_one_line_and_overwrite_keeps_the_old_run(args, message, saved, data, capsys):
+    before = digests(saved)
+    code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", data, *args],
+                     capsys)
+    assert code == 2 and message in one_line(err)
+    assert digests(saved) == before
+
+
+def test_a_checkpoint_config_of_the_wrong_type_is_one_line(saved, data, capsys):
+    ckpt = load(saved / "last.pth")
+    ckpt["config"]["lr"] = "0.1"
+    torch.save(ckpt, saved / "last.pth")
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 2 and "--lr must be a number, got '0.1'" in one_line(err)
+
+
+def test_empty_data_dir_variable_is_an_error_in_both_scripts(saved, tmp_path, test_script, capsys):
+    spec = importlib.util.spec_from_file_location("train_env", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATA_DIR", "")
+        script.__spec__.loader.exec_module(script)  # DATA_DIR is read when train.py starts
+        code, err = call(script.run, "train.py", ["--save-dir", tmp_path / "new"], capsys)
+        assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
+        code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu"],
+                         capsys)
+        assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--out", "--data-dir"])
+def test_empty_path_for_test_script(flag, saved, test_script, capsys):
+    args = {"--checkpoint": saved / "best.pth", "--device": "cpu", flag: ""}
+    code, err = call(test_script, "test.py", [x for kv in args.items() for x in kv], capsys)
+    assert code == 2 and f"{flag} is empty" in one_line(err)
+
+
+def test_test_script_on_the_wrong_data_dir_creates_nothing_there(saved, tmp_path, test_script, capsys):
+    wrong = tmp_path / "cifar-data"
+    wrong.mkdir()
+    code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
+                                              "--data-dir", wrong], capsys)
+    assert code == 2 and "mnist not found under" in one_line(err)
+    assert not list(wrong.iterdir())
+
+
+def test_grid_seed_out_of_range(saved, data, test_script, capsys):
+    code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
+                                              "--data-dir", data, "--grid-seed", str(2**64)], capsys)
+    assert code == 2 and "--grid-seed must be an integer from 0 to 4294967295" in one_line(err)
+
+
+def test_special_paths(saved, data, tmp_path, test_script, capsys):
+    """Very long names, a FIFO, /dev/null and links where files and folders are expected."""
+    fifo = tmp_path / "fifo.pth"
+    os.mkfifo(fifo)
+    long_name = tmp_path / ("x" * 300 + ".pth")
+    code, err = call(test_script, "test.py", ["--checkpoint", fifo], capsys)
+    assert code == 2 and "is not a file" in one_line(err)
+    code, err = call(test_script, "test.py", ["--checkpoint", long_name], capsys)
+    assert code == 2 and "name too long" in one_line(err).lower()
+    code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
+                                              "--image", fifo], capsys)  # never opened: it would block
+    assert code == 2 and "is not a regular file" in one_line(err)
+    code, err = call(train.run, "train.py", ["--save-dir", "/dev/null", "--data-dir", data, *TINY], capsys)
+    assert code == 2 and "cannot write to the save folder /dev/null" in one_line(err)
+    code, err = call(train.run, "train.py", ["--save-dir", tmp_path / ("y" * 300), "--data-dir", data, *TINY],
+                     capsys)
+    assert code == 2 and "name too long" in one_line(err).lower()
+    link = tmp_path / "link"
+    link.symlink_to(saved)
+    code, err = call(train.run, "train.py", ["--save-dir", link, "--data-dir", data, *TINY], capsys)
+    assert code == 2 and "already holds a run" in one_line(err)  # a link to a run's folder is that run
+    dangling = tmp_path / "dangling.pth"
+    dangling.symlink_to(tmp_path / "nowhere")
+    code, err = call(test_script, "test.py", ["--checkpoint", dangling], capsys)
+    assert code == 2 and "does not exist" in one_line(err)
+
+
+def test_one_class_is_refused(tmp_path, capsys):
+    folder = make_folder(tmp_path / "data", n_train=4, n_test=2, classes=("cat",))
+    code, err = call(train.run, "train.py", ["--dataset", "folder", "--data-dir", folder, "--save-dir",
+                                             tmp_path / "save", *TINY], capsys)
+    assert code == 2 and "only 1 class (cat); a classifier needs at least 2" in one_line(err)
+    assert not list((tmp_path / "save").glob("*.pth"))
+
+
+def test_resume_recreates_a_deleted_best_checkpoint(saved, data, capsys, handlers):
+    best = load(saved / "best.pth")
+    (saved / "best.pth").unlink()
+    code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
+    assert code == 0, err
+    assert not weight_differences(load(saved / "best.pth")["model"], best["model"])
