@@ -117,6 +117,8 @@ def check_config(c: dict) -> None:
     need(c["augment"] in ("auto", "on", "off"), f"--augment must be auto, on or off, got {c['augment']!r}")
     need(c["workers"] >= 0, f"--workers must be >= 0, got {c['workers']}")
     need(c["keep"] >= 0, f"--keep must be >= 0 (0 keeps all), got {c['keep']}")
+    if "val_fraction" in c:
+        need(0 <= c["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     need(c["warmup_epochs"] >= 0 and c["step_epochs"] >= 1 and c["save_every_minutes"] >= 0,
          "--warmup-epochs and --save-every-minutes must be >= 0, --step-epochs >= 1")
 
@@ -359,12 +361,13 @@ def _rgb(img):
     return img.convert("RGB")
 
 
-def load_split(c: dict, train: bool, device: torch.device, classes=None):
-    """The training or test split named by config c, ready to hand out batches on `device`."""
+def load_split(c: dict, train: bool | str, device: torch.device, classes=None):
+    """The training or test split named by config c, ready to hand out batches on `device`
+    (train="val": a folder dataset's val/ folder)."""
     root = Path(c["data_dir"])
     mean, std = STATS[c["dataset"]]
     if c["dataset"] == "folder":
-        split = root / ("train" if train else "test")
+        split = root / (train if isinstance(train, str) else "train" if train else "test")
         if not split.is_dir():
             raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
@@ -381,6 +384,51 @@ def load_split(c: dict, train: bool, device: torch.device, classes=None):
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device)
+
+
+class Subset:
+    """Part of a split (DeviceImages or FolderImages), named by the split's own indices: batches(i) hands
+    out the images at positions i of this part, so shuffles, shards and resume work on it unchanged."""
+
+    def __init__(self, data, indices: torch.Tensor):
+        self.data = data
+        self.indices = indices
+        self.classes = data.classes
+        self.labels = data.labels[indices.to(data.labels.device)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, indices: torch.Tensor, *args, **kwargs):
+        return self.data.batches(self.indices[indices], *args, **kwargs)
+
+    def raw(self, i: int):
+        return self.data.raw(int(self.indices[i]))
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices of a split of n images: round(fraction * n) of them held out
+    (at least one when fraction > 0). Drawn from the seed alone, so every process of a run and every
+    --resume of it holds out the same images. Both sorted: a folder is then read in file order."""
+    n_val = max(1, round(fraction * n)) if fraction > 0 else 0
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 999_983)  # apart from shard_indices' seeds
+    perm = torch.randperm(n, generator=g)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def load_train_val(c: dict, device: torch.device):
+    """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/ uses
+    it as the validation split and the whole of train/; otherwise c["val_fraction"] of the training
+    images are held out (0: none)."""
+    train = load_split(c, True, device)
+    if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
+        return train, load_split(c, "val", device, classes=train.classes)
+    if c["val_fraction"] <= 0:
+        return train, None
+    train_idx, val_idx = validation_indices(len(train), c["val_fraction"], c["seed"])
+    if len(train_idx) == 0:
+        raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images of {len(train)}")
+    return Subset(train, train_idx), Subset(train, val_idx)
 
 
 def augment_enabled(c: dict) -> bool:
@@ -494,7 +542,7 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
 # ------------------------------------------------------------------------------------------------ plots
 
 def plot_curves(csv_path, png_path) -> None:
-    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train against test.
+    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation and test.
 
     Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
     means the backend of whatever program imports this module is left alone. A plot that cannot be
@@ -510,7 +558,11 @@ def plot_curves(csv_path, png_path) -> None:
         epochs = [int(r["epoch"]) for r in rows]
         fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")
         ax_loss, ax_acc = fig.subplots(1, 2)
-        for split, marker in (("train", "o"), ("test", "s")):
+        # A run without a validation split (or one begun before them) has no or empty val_ columns.
+        has_val = bool(rows) and all(r.get("val_acc") for r in rows)
+        for split, marker in (("train", "o"), ("val", "^"), ("test", "s")):
+            if split == "val" and not has_val:
+                continue
             ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker, label=split)
             ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker, label=split)
         for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
@@ -518,9 +570,12 @@ def plot_curves(csv_path, png_path) -> None:
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
             ax.grid(alpha=0.3)
             ax.legend()
-        best = max(range(len(rows)), key=lambda i: float(rows[i]["test_acc"]), default=None)
-        if best is not None:
-            fig.suptitle(f"best test accuracy {float(rows[best]['test_acc']):.2%} (epoch {epochs[best]})", fontsize=10)
+        if has_val:  # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+            best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
+            fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
+                         f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
+        elif rows:
+            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}", fontsize=10)
         fig.savefig(tmp)
         os.replace(tmp, png_path)  # a viewer never sees a half-written file
     except (ImportError, OSError, ValueError, KeyError) as e:

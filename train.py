@@ -35,6 +35,7 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
 IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
 AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
 WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
+VAL_FRACTION = 0.1                             # share of the training images held out to choose best.pth (0 = none: best.pth is the last epoch); a folder's DATA_DIR/val/ is used instead when present
 # model
 DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1                                  # divide every channel count by this (4 = a 'small VGG' for CPUs)
@@ -213,6 +214,7 @@ def main() -> None:
         ckpt = common.load_checkpoint(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
+        ckpt["config"].setdefault("val_fraction", 0.0)  # a run from before validation splits trained on all images
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         common.check_config(config)
     elif last_path.exists() and not args.overwrite:
@@ -250,7 +252,8 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
 
     # ---- data
-    train_data = common.load_split(c, True, device)
+    train_data, val_data = common.load_train_val(c, device)
+    has_val = val_data is not None
     test_data = common.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     augment = common.augment_enabled(c)
@@ -274,7 +277,7 @@ def main() -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
+        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc", 0.0)
         if master:  # the checkpoint holds the epoch's sums over all processes
             partial = ckpt["partial"]
         ckpt_world = ckpt.get("world", 1)
@@ -290,7 +293,8 @@ def main() -> None:
                 group["lr"] = base * factor(scheduler.last_epoch)
             log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule is rescaled"
                 f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
-        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
+        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}"
+            f"{f', best validation accuracy {best_acc:.2%}' if has_val else ''}")
     ckpt_epoch = None if ckpt is None else ckpt["epoch"]
     del ckpt
     raw_model = model
@@ -300,7 +304,8 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
-        f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
+        f"{c['dataset']} {len(train_data):,} train / {len(val_data) if has_val else 0:,} validation / "
+        f"{len(test_data):,} test at {c['image_size']} px | "
         f"device {device}{f' x {world} processes' if distributed else ''}, "
         f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}")
 
@@ -418,11 +423,15 @@ def main() -> None:
         if distributed:  # each process's BatchNorm statistics saw only its own batches: take rank 0's, as
             for buf in raw_model.buffers():  # DDP does before each forward, so all evaluate (and save) one model
                 dist.broadcast(buf, 0)
+        val_loss, val_acc = (evaluate(raw_model, val_data, 2 * c["batch_size"], device, amp, rank, world)
+                             if has_val else (math.nan, math.nan))
+        # The test split is only reported: choosing the epoch on it would make its accuracy a biased maximum.
         test_loss, test_acc = evaluate(raw_model, test_data, 2 * c["batch_size"], device, amp, rank, world)
         seconds = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
-        is_best = test_acc > best_acc
-        best_acc = max(best_acc, test_acc)
+        is_best = not has_val or epoch == 0 or val_acc > best_acc
+        if has_val:
+            best_acc = max(best_acc, val_acc) if epoch else val_acc
         state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
         if master:
             # last.pth goes last: if the run dies before it, --resume redoes this epoch, and the
@@ -431,9 +440,13 @@ def main() -> None:
                 "epoch": epoch + 1, "train_loss": f"{train_loss / train_seen:.6f}",
                 "train_acc": f"{train_correct / train_seen:.6f}", "test_loss": f"{test_loss:.6f}",
                 "test_acc": f"{test_acc:.6f}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.2f}",
-                "images_per_s": f"{train_seen / seconds:.1f}"})
+                "images_per_s": f"{train_seen / seconds:.1f}",
+                # last, so that the columns of a metrics.csv begun before validation splits keep their place
+                "val_loss": f"{val_loss:.6f}" if has_val else "",
+                "val_acc": f"{val_acc:.6f}" if has_val else ""})
             common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
-            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
+            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
+                "test_acc": test_acc, "val_acc": val_acc if has_val else None}
             common.save_checkpoint(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
             if is_best:
                 common.save_checkpoint(weights, save_dir / "best.pth")
@@ -441,10 +454,13 @@ def main() -> None:
             rotate(save_dir, c["keep"])
             last_save = time.monotonic()
         log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
-            f"{train_correct / train_seen:.2%} | test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
+            f"{train_correct / train_seen:.2%} | "
+            f"{f'val loss {val_loss:.4f} acc {val_acc:.2%} | ' if has_val else ''}"
+            f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
             f"{seconds:.1f} s, {train_seen / seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
 
-    log(f"done: best test accuracy {best_acc:.2%}; checkpoints in {save_dir}/ (python test.py to see predictions)")
+    chosen = f"best.pth has the best validation accuracy, {best_acc:.2%}" if has_val else "best.pth: the last epoch"
+    log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py to see its test accuracy and predictions)")
     if distributed:
         dist.destroy_process_group()
 
