@@ -285,9 +285,10 @@ class FolderImages:
         self.workers = workers
         normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         resize = transforms.Resize((image_size, image_size), antialias=True)
-        self.eval_set = datasets.ImageFolder(root, transform=transforms.Compose(
+        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to white.
+        self.eval_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
             [transforms.Lambda(_rgb), resize, *normalize]))
-        self.train_set = datasets.ImageFolder(root, transform=transforms.Compose(
+        self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
             [transforms.Lambda(_rgb), resize, transforms.RandomCrop(image_size, padding=image_size // 8),
              transforms.RandomHorizontalFlip(), *normalize]))
         self.classes = self.eval_set.classes
@@ -325,6 +326,13 @@ class FolderImages:
         with Image.open(self.eval_set.samples[i][0]) as im:
             return _rgb(im)
 
+    def leave_out(self, paths: set[str]) -> None:
+        """Drop these files from the split (unreadable ones the user chose to skip)."""
+        for ds in (self.eval_set, self.train_set):
+            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in paths]
+            ds.targets = [t for _, t in ds.samples]
+        self.labels = torch.tensor(self.eval_set.targets)
+
 
 class _SeededItems(torch.utils.data.Dataset):
     """Item (i, seed): sample i of `dataset`, its random transforms seeded by `seed` (None: unseeded)."""
@@ -357,8 +365,200 @@ class _BatchSampler(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def eight_bit(img):
+    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit "L";
+    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept as they are."""
+    if not img.mode.startswith("I"):
+        return img
+    import numpy as np
+    from PIL import Image
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+
+
 def _rgb(img):
-    return img.convert("RGB")
+    return eight_bit(img).convert("RGB")
+
+
+def _open_rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return _rgb(im)
+
+
+# ------------------------------------------------------------------------------------ folder datasets
+
+# A folder split is kept on the device as uint8 (served like MNIST and CIFAR-10, no workers, no PIL per
+# epoch) when its images, decoded at their stored size, take at most this share of the memory free at
+# start-up, both on the host that decodes them and on the device (divided among a node's processes).
+# Larger folders are read through DataLoader workers every epoch.
+FOLDER_MEMORY_SHARE = 0.25
+# Unreadable image files named in the one-line error (the rest are counted).
+BAD_FILES_SHOWN = 5
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for a split's tensor: available host memory (it is decoded there) and, for an
+    accelerator, free device memory; shared by the processes torchrun starts on this node."""
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            host = 0  # unknown: take the DataLoader path, which needs no such memory
+    free = host
+    if device.type in ("cuda", "npu"):
+        free = min(free, getattr(torch, device.type).mem_get_info(device)[0])
+    return free // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def _is_master() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _probe(path: str):
+    """(width, height) of an image file from its header, or the reason it cannot be opened."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size, None
+    except Exception as e:  # missing, not an image, too many pixels (DecompressionBombError), ...
+        return None, _reason(e)
+
+
+def _check(path: str):
+    """None if the whole file can be decoded, else the reason. Cheaper than decoding: JPEGs are decoded
+    at 1/8 scale (every byte of the stream is still read), PNGs have their chunk checksums verified."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        return None
+    except Exception as e:
+        return _reason(e)
+
+
+def _decode(path: str, size: tuple[int, int]):
+    """(uint8 HxWx3 array, None), or (None, reason): the file as the eval transform reads it (RGB, and
+    resized to `size` = (width, height) by the same PIL resize when it has another size)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = _rgb(im)
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BILINEAR)  # what transforms.Resize does to a PIL image
+        return np.asarray(im), None
+    except Exception as e:
+        return None, _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+
+
+def _chunked(fn, items: list, workers: int, desc: str) -> list:
+    """[fn(item) for item in items], by `workers` processes (0: this one), with a progress bar on rank 0."""
+    from functools import partial
+    from tqdm import tqdm
+    out = []
+    bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000, leave=False,
+               dynamic_ncols=True)
+    chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+    if workers == 0 or len(chunks) < 2:
+        results = map(partial(_map, fn), chunks)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx)
+        results = pool.map(partial(_map, fn), chunks)
+    try:
+        for part in results:
+            out += part
+            bar.update(len(part))
+    finally:
+        bar.close()
+        if workers and len(chunks) >= 2:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def _map(fn, chunk):
+    return [fn(*item) if isinstance(item, tuple) else fn(item) for item in chunk]
+
+
+def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
+    shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
+    more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
+
+
+def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device):
+    """A folder split, every file checked first: as a DeviceImages when its decoded images fit
+    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers).
+    Unreadable files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
+    import time
+    from torchvision import datasets
+    t0 = time.perf_counter()
+    listing = datasets.ImageFolder(split, loader=lambda path: path)  # lists the files, reads none
+    if classes_expected is not None and listing.classes != list(classes_expected):
+        raise UserError(f"{split} has classes {listing.classes}, but the training set had {list(classes_expected)}")
+    paths = [path for path, _ in listing.samples]
+    workers = c["workers"]
+    probed = _chunked(_probe, paths, workers, f"checking {split}")
+    bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
+    sizes = {size for size, _ in probed if size}
+    # One shared size is kept as it is (the device resizes a batch at a time); mixed sizes are brought to
+    # the network's input size on decoding, as the DataLoader path's Resize does.
+    w, h = sizes.pop() if len(sizes) == 1 else (c["image_size"], c["image_size"])
+    need = len(paths) * 3 * w * h
+    fits = need <= FOLDER_MEMORY_SHARE * _free_memory(device)
+    ok = [i for i, (_, why) in enumerate(probed) if not why]
+    if fits:
+        decoded = _chunked(_decode, [(paths[i], (w, h)) for i in ok], workers, f"decoding {split}")
+        bad += [(paths[i], why) for i, (_, why) in zip(ok, decoded) if why]
+    else:
+        checked = _chunked(_check, [paths[i] for i in ok], workers, f"checking {split}")
+        bad += [(paths[i], why) for i, why in zip(ok, checked) if why]
+    if bad:
+        bad.sort()
+        if not c.get("skip_bad_images", False):
+            if not _is_master():
+                sys.exit(2)  # rank 0 says it once for all processes
+            raise UserError(bad_files_line(bad, split) + " (fix or remove them, or skip them with "
+                            "--skip-bad-images)")
+        if _is_master():
+            print(f"skipping {bad_files_line(bad, split)}", file=sys.stderr, flush=True)
+    bad_paths = {p for p, _ in bad}
+    if not len(paths) - len(bad_paths):
+        raise UserError(f"{split} holds no readable images")
+    labels = torch.tensor([t for p, t in listing.samples if p not in bad_paths])
+    if fits:
+        import numpy as np
+        images = torch.from_numpy(np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
+        if _is_master():
+            print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
+                  f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
+        # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
+        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std, c["image_size"], device,
+                            pad=min(w, h) // 8)
+    if _is_master():
+        print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
+              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers every epoch",
+              flush=True)
+    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
+    if bad_paths:
+        data.leave_out(bad_paths)
+    return data
 
 
 def load_split(c: dict, train: bool | str, device: torch.device, classes=None):
@@ -372,7 +572,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None):
             raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
         try:
-            return FolderImages(split, classes, mean, std, c["image_size"], device, c["workers"])
+            return load_folder(split, classes, mean, std, c, device)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {split}: {e}") from None
     ds = _torchvision_split(c["dataset"], str(root), train)

@@ -35,6 +35,7 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
 IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
 AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
 WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
+SKIP_BAD_IMAGES = False                        # folder dataset: leave out image files that cannot be read (else they stop the run)
 VAL_FRACTION = 0.1                             # share of the training images held out to choose best.pth (0 = none: best.pth is the last epoch); a folder's DATA_DIR/val/ is used instead when present
 # model
 DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
@@ -65,7 +66,7 @@ LOG_EVERY = 50                                 # steps between progress-bar upda
 
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
-RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
+RUNTIME_KEYS = ("data_dir", "workers", "skip_bad_images", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
                 "log_every", "epochs")
 
 
