@@ -426,7 +426,7 @@ def _probe(path: str):
         with Image.open(path) as im:
             return im.size, None
     except Exception as e:  # missing, not an image, too many pixels (DecompressionBombError), ...
-        return None, _reason(e)
+        return None, _reason(e, path)
 
 
 def _check(path: str):
@@ -443,7 +443,7 @@ def _check(path: str):
                 im.load()
         return None
     except Exception as e:
-        return _reason(e)
+        return _reason(e, path)
 
 
 def _decode(path: str, size: tuple[int, int]):
@@ -458,11 +458,13 @@ def _decode(path: str, size: tuple[int, int]):
             im = im.resize(size, Image.Resampling.BILINEAR)  # what transforms.Resize does to a PIL image
         return np.asarray(im), None
     except Exception as e:
-        return None, _reason(e)
+        return None, _reason(e, path)
 
 
-def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+def _reason(e: Exception, path: str) -> str:
+    """Why a file failed, without its path (the line names it once)."""
+    text = f"{type(e).__name__}: {e}".replace(f": '{path}'", "").replace(f" '{path}'", "")
+    return text.replace("\n", " ")[:200]
 
 
 def _chunked(fn, items: list, workers: int, desc: str) -> list:
@@ -497,7 +499,7 @@ def _map(fn, chunk):
 
 
 def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
-    shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
+    shown = "; ".join(f"{Path(path).relative_to(split)} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
     more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
     return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
 
