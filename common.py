@@ -367,7 +367,7 @@ class _BatchSampler(torch.utils.data.Sampler):
 
 def eight_bit(img):
     """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit "L";
-    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept as they are."""
+    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept."""
     if not img.mode.startswith("I"):
         return img
     import numpy as np
@@ -480,7 +480,8 @@ def _chunked(fn, items: list, workers: int, desc: str) -> list:
     else:
         import concurrent.futures
         import multiprocessing
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        fork = "fork" in multiprocessing.get_all_start_methods()  # no re-import of torch per worker
+        ctx = multiprocessing.get_context("fork" if fork else None)
         pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx)
         results = pool.map(partial(_map, fn), chunks)
     try:
@@ -513,7 +514,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     t0 = time.perf_counter()
     listing = datasets.ImageFolder(split, loader=lambda path: path)  # lists the files, reads none
     if classes_expected is not None and listing.classes != list(classes_expected):
-        raise UserError(f"{split} has classes {listing.classes}, but the training set had {list(classes_expected)}")
+        raise UserError(f"{split} has classes {listing.classes}, but the training set had "
+                        f"{list(classes_expected)}")
     paths = [path for path, _ in listing.samples]
     workers = c["workers"]
     probed = _chunked(_probe, paths, workers, f"checking {split}")
@@ -555,7 +557,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                             pad=min(w, h) // 8)
     if _is_master():
         print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
-              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers every epoch",
+              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers "
+              "every epoch",
               flush=True)
     data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
     if bad_paths:
@@ -777,7 +780,8 @@ def plot_curves(csv_path, png_path) -> None:
             fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
                          f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
         elif rows:
-            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}", fontsize=10)
+            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}",
+                         fontsize=10)
         fig.savefig(tmp)
         os.replace(tmp, png_path)  # a viewer never sees a half-written file
     except (ImportError, OSError, ValueError, KeyError) as e:

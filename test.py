@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default=None, choices=common.AMP_MODES,
                    help="mixed precision; None: the checkpoint's setting")
     p.add_argument("--skip-bad-images", action="store_true",
-                   help="folder test split: leave out image files that cannot be read (else they stop the run)")
+                   help="folder test split: leave out unreadable image files (else they stop the run)")
     p.add_argument("--data-dir", default=None,
                    help="dataset root; None: DATA_DIR from the environment, else the one used for training")
     args = p.parse_args(argv)

@@ -35,8 +35,8 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
 IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
 AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
 WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
-SKIP_BAD_IMAGES = False                        # folder dataset: leave out image files that cannot be read (else they stop the run)
-VAL_FRACTION = 0.1                             # share of the training images held out to choose best.pth (0 = none: best.pth is the last epoch); a folder's DATA_DIR/val/ is used instead when present
+SKIP_BAD_IMAGES = False                        # folder dataset: leave out unreadable image files (else they stop the run)
+VAL_FRACTION = 0.1                             # share of train images held out to choose best.pth (0: none); a folder's val/ wins
 # model
 DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1                                  # divide every channel count by this (4 = a 'small VGG' for CPUs)
@@ -66,8 +66,8 @@ LOG_EVERY = 50                                 # steps between progress-bar upda
 
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
-RUNTIME_KEYS = ("data_dir", "workers", "skip_bad_images", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
-                "log_every", "epochs")
+RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
+                "log_every", "epochs", "skip_bad_images")
 
 
 # What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them before training.
@@ -215,7 +215,7 @@ def main() -> None:
         ckpt = common.load_checkpoint(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
-        ckpt["config"].setdefault("val_fraction", 0.0)  # a run from before validation splits trained on all images
+        ckpt["config"].setdefault("val_fraction", 0.0)  # a run begun before validation splits used all images
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         common.check_config(config)
     elif last_path.exists() and not args.overwrite:
@@ -460,8 +460,8 @@ def main() -> None:
             f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
             f"{seconds:.1f} s, {train_seen / seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
 
-    chosen = f"best.pth has the best validation accuracy, {best_acc:.2%}" if has_val else "best.pth: the last epoch"
-    log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py to see its test accuracy and predictions)")
+    chosen = f"best.pth has the best validation accuracy, {best_acc:.2%}" if has_val else "best.pth is the last epoch"
+    log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and predictions)")
     if distributed:
         dist.destroy_process_group()
 

@@ -308,3 +308,15 @@ def test_real_cifar10_jpegs_in_memory_equal_the_dataloader_path(tmp_path, monkey
     # Augmented batches are crops/flips of the same kind: padded by 4 px of 32 in both.
     xa, _ = next(memory.batches(torch.arange(64), 64, True, torch.Generator().manual_seed(0)))
     assert not torch.equal(xa, xm[:64]) and xa.shape == xm[:64].shape
+
+
+def test_decoding_in_worker_processes_gives_the_same_split(tmp_path, capsys):
+    """More than one chunk of files (256) is decoded by a process pool: same images, same order."""
+    rng = np.random.default_rng(3)
+    write_images(tmp_path / "test", {f"{'ab'[i % 2]}/{i:03d}.png": ("RGB", rng.integers(0, 256, (8, 8, 3),
+                                                                                      dtype=np.uint8))
+                                     for i in range(600)})
+    serial = common.load_split(folder_config(tmp_path), False, CPU)
+    pooled = common.load_split(folder_config(tmp_path, workers=2), False, CPU)
+    assert serial.images.shape == (600, 3, 8, 8) and serial.pad == 1
+    assert torch.equal(serial.images, pooled.images) and torch.equal(serial.labels, pooled.labels)

@@ -118,7 +118,8 @@ def test_help_lists_every_constant():
 @pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(),
                     reason=f"real MNIST not found under {REAL_DATA} (set DATA_DIR)")
 def test_real_mnist_reaches_95_percent(tmp_path):
-    """The honest proof that training works: one epoch (422 steps: 6,000 images are held out for validation) of a 1/8-width VGG16 at 32 px."""
+    """The honest proof that training works: one epoch (422 steps; 6,000 images are held out for
+    validation) of a 1/8-width VGG16 at 32 px."""
     proc = run_script("train.py", "--data-dir", REAL_DATA, "--image-size", "32", "--width-div", "8",
                       "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--save-dir", tmp_path, check=True)
     acc = load(tmp_path / "best.pth")["test_acc"]
