@@ -185,7 +185,8 @@ def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_ru
 
 def test_inconsistent_launches_are_one_line_errors(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=1, n_test=8)
-    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save", record=False)
+    proc = torchrun(tmp_path, *TINY, "--val-fraction", "0", "--data-dir", data, "--save-dir", tmp_path / "save",
+                    record=False)
     assert proc.returncode != 0
     assert "train.py: error: the training set has 1 images, fewer than the 2 processes" in proc.stderr
     proc = torchrun(tmp_path, *TINY, "--device", "cpu:0", "--data-dir", data, "--save-dir", tmp_path / "save",
