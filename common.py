@@ -164,6 +164,8 @@ def check_config(c: dict) -> None:
     need(c["augment"] in ("auto", "on", "off"), f"--augment must be auto, on or off, got {c['augment']!r}")
     need(c["workers"] >= 0, f"--workers must be >= 0, got {c['workers']}")
     need(c["keep"] >= 0, f"--keep must be >= 0 (0 keeps all), got {c['keep']}")
+    if "val_fraction" in c:
+        need(0 <= c["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     need(c["warmup_epochs"] >= 0 and c["step_epochs"] >= 1 and c["save_every_minutes"] >= 0,
          "--warmup-epochs and --save-every-minutes must be >= 0, --step-epochs >= 1")
 
@@ -357,9 +359,10 @@ class FolderImages:
         self.workers = workers
         normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         resize = transforms.Resize((image_size, image_size), antialias=True)
-        self.eval_set = datasets.ImageFolder(root, transform=transforms.Compose(
+        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to white.
+        self.eval_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
             [transforms.Lambda(_rgb), resize, *normalize]))
-        self.train_set = datasets.ImageFolder(root, transform=transforms.Compose(
+        self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
             [transforms.Lambda(_rgb), resize, transforms.RandomCrop(image_size, padding=image_size // 8),
              transforms.RandomHorizontalFlip(), *normalize]))
         self.classes = self.eval_set.classes
@@ -396,6 +399,13 @@ class FolderImages:
         from PIL import Image
         with Image.open(self.eval_set.samples[i][0]) as im:
             return _rgb(im)
+
+    def leave_out(self, paths: set[str]) -> None:
+        """Drop these files from the split (unreadable ones the user chose to skip)."""
+        for ds in (self.eval_set, self.train_set):
+            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in paths]
+            ds.targets = [t for _, t in ds.samples]
+        self.labels = torch.tensor(self.eval_set.targets)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -437,22 +447,220 @@ class _BatchSampler(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def eight_bit(img):
+    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit "L";
+    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept."""
+    if not img.mode.startswith("I"):
+        return img
+    import numpy as np
+    from PIL import Image
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+
+
 def _rgb(img):
-    return img.convert("RGB")
+    return eight_bit(img).convert("RGB")
 
 
-def load_split(c: dict, train: bool, device: torch.device, classes=None, download: bool = True):
-    """The training or test split named by config c, ready to hand out batches on `device`.
-    download=False: a torchvision dataset that is not on disk is an error, and nothing is created."""
+def _open_rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return _rgb(im)
+
+
+# ------------------------------------------------------------------------------------ folder datasets
+
+# A folder split is kept on the device as uint8 (served like MNIST and CIFAR-10, no workers, no PIL per
+# epoch) when its images, decoded at their stored size, take at most this share of the memory free at
+# start-up, both on the host that decodes them and on the device (divided among a node's processes).
+# Larger folders are read through DataLoader workers every epoch.
+FOLDER_MEMORY_SHARE = 0.25
+# Unreadable image files named in the one-line error (the rest are counted).
+BAD_FILES_SHOWN = 5
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for a split's tensor: available host memory (it is decoded there) and, for an
+    accelerator, free device memory; shared by the processes torchrun starts on this node."""
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            host = 0  # unknown: take the DataLoader path, which needs no such memory
+    free = host
+    if device.type in ("cuda", "npu"):
+        free = min(free, getattr(torch, device.type).mem_get_info(device)[0])
+    return free // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def _is_master() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _probe(path: str):
+    """(width, height) of an image file from its header, or the reason it cannot be opened."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size, None
+    except Exception as e:  # missing, not an image, too many pixels (DecompressionBombError), ...
+        return None, _reason(e, path)
+
+
+def _check(path: str):
+    """None if the whole file can be decoded, else the reason. Cheaper than decoding: JPEGs are decoded
+    at 1/8 scale (every byte of the stream is still read), PNGs have their chunk checksums verified."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        return None
+    except Exception as e:
+        return _reason(e, path)
+
+
+def _decode(path: str, size: tuple[int, int]):
+    """(uint8 HxWx3 array, None), or (None, reason): the file as the eval transform reads it (RGB, and
+    resized to `size` = (width, height) by the same PIL resize when it has another size)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = _rgb(im)
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BILINEAR)  # what transforms.Resize does to a PIL image
+        return np.asarray(im), None
+    except Exception as e:
+        return None, _reason(e, path)
+
+
+def _reason(e: Exception, path: str) -> str:
+    """Why a file failed, without its path (the line names it once)."""
+    text = f"{type(e).__name__}: {e}".replace(f": '{path}'", "").replace(f" '{path}'", "")
+    return text.replace("\n", " ")[:200]
+
+
+def _chunked(fn, items: list, workers: int, desc: str) -> list:
+    """[fn(item) for item in items], by `workers` processes (0: this one), with a progress bar on rank 0."""
+    from functools import partial
+    from tqdm import tqdm
+    out = []
+    bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000, leave=False,
+               dynamic_ncols=True)
+    chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+    if workers == 0 or len(chunks) < 2:
+        results = map(partial(_map, fn), chunks)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        fork = "fork" in multiprocessing.get_all_start_methods()  # no re-import of torch per worker
+        ctx = multiprocessing.get_context("fork" if fork else None)
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx)
+        results = pool.map(partial(_map, fn), chunks)
+    try:
+        for part in results:
+            out += part
+            bar.update(len(part))
+    finally:
+        bar.close()
+        if workers and len(chunks) >= 2:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def _map(fn, chunk):
+    return [fn(*item) if isinstance(item, tuple) else fn(item) for item in chunk]
+
+
+def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
+    shown = "; ".join(f"{Path(path).relative_to(split)} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
+    more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
+
+
+def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device):
+    """A folder split, every file checked first: as a DeviceImages when its decoded images fit
+    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers).
+    Unreadable files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
+    import time
+    from torchvision import datasets
+    t0 = time.perf_counter()
+    listing = datasets.ImageFolder(split, loader=lambda path: path)  # lists the files, reads none
+    if classes_expected is not None and listing.classes != list(classes_expected):
+        raise UserError(f"{split} has classes {listing.classes}, but the training set had "
+                        f"{list(classes_expected)}")
+    paths = [path for path, _ in listing.samples]
+    workers = c["workers"]
+    probed = _chunked(_probe, paths, workers, f"checking {split}")
+    bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
+    sizes = {size for size, _ in probed if size}
+    # One shared size is kept as it is (the device resizes a batch at a time); mixed sizes are brought to
+    # the network's input size on decoding, as the DataLoader path's Resize does.
+    w, h = sizes.pop() if len(sizes) == 1 else (c["image_size"], c["image_size"])
+    need = len(paths) * 3 * w * h
+    fits = need <= FOLDER_MEMORY_SHARE * _free_memory(device)
+    ok = [i for i, (_, why) in enumerate(probed) if not why]
+    if fits:
+        decoded = _chunked(_decode, [(paths[i], (w, h)) for i in ok], workers, f"decoding {split}")
+        bad += [(paths[i], why) for i, (_, why) in zip(ok, decoded) if why]
+    else:
+        checked = _chunked(_check, [paths[i] for i in ok], workers, f"checking {split}")
+        bad += [(paths[i], why) for i, why in zip(ok, checked) if why]
+    if bad:
+        bad.sort()
+        if not c.get("skip_bad_images", False):
+            if not _is_master():
+                sys.exit(2)  # rank 0 says it once for all processes
+            raise UserError(bad_files_line(bad, split) + " (fix or remove them, or skip them with "
+                            "--skip-bad-images)")
+        if _is_master():
+            print(f"skipping {bad_files_line(bad, split)}", file=sys.stderr, flush=True)
+    bad_paths = {p for p, _ in bad}
+    if not len(paths) - len(bad_paths):
+        raise UserError(f"{split} holds no readable images")
+    labels = torch.tensor([t for p, t in listing.samples if p not in bad_paths])
+    if fits:
+        import numpy as np
+        images = torch.from_numpy(np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
+        if _is_master():
+            print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
+                  f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
+        # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
+        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std, c["image_size"], device,
+                            pad=min(w, h) // 8)
+    if _is_master():
+        print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
+              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers "
+              "every epoch",
+              flush=True)
+    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
+    if bad_paths:
+        data.leave_out(bad_paths)
+    return data
+
+
+def load_split(c: dict, train: bool | str, device: torch.device, classes=None, download: bool = True):
+    """The training or test split named by config c, ready to hand out batches on `device`
+    (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
+    on disk is an error, and nothing is created."""
     root = Path(c["data_dir"])
     mean, std = STATS[c["dataset"]]
     if c["dataset"] == "folder":
-        split = root / ("train" if train else "test")
+        split = root / (train if isinstance(train, str) else "train" if train else "test")
         if not split.is_dir():
             raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
         try:
-            return FolderImages(split, classes, mean, std, c["image_size"], device, c["workers"])
+            return load_folder(split, classes, mean, std, c, device)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {split}: {e}") from None
     ds = _torchvision_split(c["dataset"], str(root), train, download)
@@ -464,6 +672,51 @@ def load_split(c: dict, train: bool, device: torch.device, classes=None, downloa
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device)
+
+
+class Subset:
+    """Part of a split (DeviceImages or FolderImages), named by the split's own indices: batches(i) hands
+    out the images at positions i of this part, so shuffles, shards and resume work on it unchanged."""
+
+    def __init__(self, data, indices: torch.Tensor):
+        self.data = data
+        self.indices = indices
+        self.classes = data.classes
+        self.labels = data.labels[indices.to(data.labels.device)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, indices: torch.Tensor, *args, **kwargs):
+        return self.data.batches(self.indices[indices], *args, **kwargs)
+
+    def raw(self, i: int):
+        return self.data.raw(int(self.indices[i]))
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices of a split of n images: round(fraction * n) of them held out
+    (at least one when fraction > 0). Drawn from the seed alone, so every process of a run and every
+    --resume of it holds out the same images. Both sorted: a folder is then read in file order."""
+    n_val = max(1, round(fraction * n)) if fraction > 0 else 0
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 999_983)  # apart from shard_indices' seeds
+    perm = torch.randperm(n, generator=g)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def load_train_val(c: dict, device: torch.device):
+    """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/ uses
+    it as the validation split and the whole of train/; otherwise c["val_fraction"] of the training
+    images are held out (0: none)."""
+    train = load_split(c, True, device)
+    if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
+        return train, load_split(c, "val", device, classes=train.classes)
+    if c["val_fraction"] <= 0:
+        return train, None
+    train_idx, val_idx = validation_indices(len(train), c["val_fraction"], c["seed"])
+    if len(train_idx) == 0:
+        raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images of {len(train)}")
+    return Subset(train, train_idx), Subset(train, val_idx)
 
 
 def augment_enabled(c: dict) -> bool:
@@ -640,7 +893,7 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
 # ------------------------------------------------------------------------------------------------ plots
 
 def plot_curves(csv_path, png_path) -> None:
-    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train against test.
+    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation and test.
 
     Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
     means the backend of whatever program imports this module is left alone. A plot that cannot be
@@ -656,7 +909,11 @@ def plot_curves(csv_path, png_path) -> None:
         epochs = [int(r["epoch"]) for r in rows]
         fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")
         ax_loss, ax_acc = fig.subplots(1, 2)
-        for split, marker in (("train", "o"), ("test", "s")):
+        # A run without a validation split (or one begun before them) has no or empty val_ columns.
+        has_val = bool(rows) and all(r.get("val_acc") for r in rows)
+        for split, marker in (("train", "o"), ("val", "^"), ("test", "s")):
+            if split == "val" and not has_val:
+                continue
             ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker, label=split)
             ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker, label=split)
         for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
@@ -664,9 +921,13 @@ def plot_curves(csv_path, png_path) -> None:
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
             ax.grid(alpha=0.3)
             ax.legend()
-        best = max(range(len(rows)), key=lambda i: float(rows[i]["test_acc"]), default=None)
-        if best is not None:
-            fig.suptitle(f"best test accuracy {float(rows[best]['test_acc']):.2%} (epoch {epochs[best]})", fontsize=10)
+        if has_val:  # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+            best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
+            fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
+                         f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
+        elif rows:
+            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}",
+                         fontsize=10)
         fig.savefig(tmp)
         os.replace(tmp, png_path)  # a viewer never sees a half-written file
     except (ImportError, OSError, ValueError, KeyError) as e:

@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=DEVICE, help="auto | cuda | npu | mps | cpu")
     p.add_argument("--amp", default=None, choices=common.AMP_MODES,
                    help="mixed precision; None: the checkpoint's setting")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="folder test split: leave out unreadable image files (else they stop the run)")
     p.add_argument("--data-dir", default=None,
                    help="dataset root; None: DATA_DIR from the environment, else the one used for training")
     args = p.parse_args(argv)
@@ -297,9 +299,7 @@ def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels take the colour of the paper they would be drawn on: white.
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        if im.mode.startswith("I"):  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
-            wide = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+        im = common.eight_bit(im)  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
         size = STORED_SIZE[dataset]
         im = im.convert("L" if dataset in GRAY else "RGB")
         # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not aliased.
@@ -375,6 +375,7 @@ def main() -> None:
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])
     c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
+    c["skip_bad_images"] = args.skip_bad_images
     amp = common.amp_dtype(device, args.amp or c["amp"])
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}, "
           f"{c['dataset']} at {c['image_size']} px, trained {ckpt['epoch']} epoch(s)")

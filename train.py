@@ -42,6 +42,8 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
 IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
 AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
 WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
+SKIP_BAD_IMAGES = False                        # folder dataset: leave out unreadable image files (else they stop the run)
+VAL_FRACTION = 0.1                             # share of train images held out to choose best.pth (0: none); a folder's val/ wins
 # model
 DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1                                  # divide every channel count by this (4 = a 'small VGG' for CPUs)
@@ -72,15 +74,16 @@ LOG_EVERY = 50                                 # steps between progress-bar upda
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
 RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
-                "log_every", "epochs")
+                "log_every", "epochs", "skip_bad_images")
 
 
 # What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's first save.
 OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
 # Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
+# val_loss and val_acc come last, so a metrics.csv begun before validation splits keeps its columns.
 METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-                  "images_per_s"]
+                  "images_per_s", "val_loss", "val_acc"]
 
 
 class Diverged(Exception):
@@ -289,18 +292,27 @@ def set_aside_old_run(folder: Path) -> Path | None:
     return aside
 
 
-def restore_best(folder: Path, best_acc: float, log) -> bool:
-    """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch.
-    False when none of them is that epoch."""
+def restore_best(folder: Path, ckpt: dict, log) -> bool:
+    """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch
+    (the best validation accuracy; without a validation split the last epoch; in checkpoints written
+    before validation splits, the best test accuracy). False when none of them is that epoch."""
     best = folder / "best.pth"
-    if best.exists() or best_acc <= 0:
+    if best.exists() or ckpt["epoch"] == 0:
         return True
     for path in sorted(folder.glob("epoch_*.pth"), reverse=True):
         try:  # mmap: only the few plain values are read from the disk
             weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
             continue
-        if isinstance(weights, dict) and weights.get("test_acc") == best_acc:
+        if not isinstance(weights, dict):
+            continue
+        if "val_acc" not in weights:
+            is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
+        elif weights["val_acc"] is None:
+            is_best = weights.get("epoch") == ckpt["epoch"]
+        else:
+            is_best = weights["val_acc"] == ckpt["best_acc"]
+        if is_best:
             common.save_checkpoint(weights, best)
             log(f"resume: {best} was missing: restored from {path.name}")
             return True
@@ -336,6 +348,10 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
             raise ValueError("not a regular file")
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
+        if rows and len(rows[0]) < len(header) and rows[0] == header[:len(rows[0])]:
+            # written by a version with fewer columns: the missing ones are empty in its rows
+            rows = [header] + [r + [""] * (len(header) - len(rows[0])) if len(r) == len(rows[0]) else r
+                               for r in rows[1:]]
         if not rows or rows[0] != header:
             raise ValueError("another header")
         for r in rows[1:]:
@@ -492,6 +508,7 @@ def main() -> None:
         ckpt = common.load_checkpoint(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
+        ckpt["config"].setdefault("val_fraction", 0.0)  # a run begun before validation splits used all images
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         common.check_config(config)
     elif not args.overwrite and (found := previous_run_files(save_dir)):
@@ -508,7 +525,7 @@ def main() -> None:
             stale.unlink(missing_ok=True)
         if ckpt is not None:
             truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
-            if not restore_best(save_dir, ckpt["best_acc"], log):
+            if not restore_best(save_dir, ckpt, log):
                 ckpt["best_acc"] = 0.0  # so that the next epoch writes best.pth again
 
     # ---- device, precision, processes
@@ -536,7 +553,8 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
 
     # ---- data
-    train_data = common.load_split(c, True, device)
+    train_data, val_data = common.load_train_val(c, device)
+    has_val = val_data is not None
     test_data = common.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     if len(classes) < 2:
@@ -568,7 +586,7 @@ def main() -> None:
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
+        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc", 0.0)
         if master:  # the checkpoint holds the epoch's sums over all processes
             partial = ckpt["partial"]
         ckpt_world = ckpt.get("world", 1)
@@ -593,7 +611,8 @@ def main() -> None:
                 f" (learning rate {effective_lr(c, world):g} for the global batch of "
                 f"{c['batch_size'] * world})"
                 f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
-        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}, best test accuracy {best_acc:.2%}")
+        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}"
+            f"{f', best validation accuracy {best_acc:.2%}' if has_val else ''}")
     ckpt_epoch = None if ckpt is None else ckpt["epoch"]
     del ckpt
     raw_model = model
@@ -605,7 +624,8 @@ def main() -> None:
     current_run.update(config=c, device=device, amp=amp, classes=len(classes))  # for out_of_memory_message
     lr_note = f" (LR {c['lr']:g} x {world} processes)" if distributed else ""
     log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
-        f"{c['dataset']} {len(train_data):,} train / {len(test_data):,} test at {c['image_size']} px | "
+        f"{c['dataset']} {len(train_data):,} train / {len(val_data) if has_val else 0:,} validation / "
+        f"{len(test_data):,} test at {c['image_size']} px | "
         f"device {device}{f' x {world} processes' if distributed else ''}, "
         f"precision {str(amp).replace('torch.', '') if amp else 'fp32'} ({amp_reason}) | "
         f"lr {effective_lr(c, world):g}{lr_note}, "
@@ -758,35 +778,44 @@ def main() -> None:
         if distributed:  # each process's BatchNorm statistics saw only its own batches: take rank 0's, as
             for buf in raw_model.buffers():  # DDP does before each forward, so all evaluate (and save) one model
                 dist.broadcast(buf, 0)
+        val_loss, val_acc = (evaluate(raw_model, val_data, 2 * c["batch_size"], device, amp, rank, world)
+                             if has_val else (math.nan, math.nan))
+        # The test split is only reported: choosing the epoch on it would make its accuracy a biased maximum.
         test_loss, test_acc = evaluate(raw_model, test_data, 2 * c["batch_size"], device, amp, rank, world)
         seconds = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
-        is_best = test_acc > best_acc
-        best_acc = max(best_acc, test_acc)
+        is_best = not has_val or epoch == 0 or val_acc > best_acc
+        if has_val:
+            best_acc = max(best_acc, val_acc) if epoch else val_acc
         state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
         if master:
             # The epoch's weights first, so a full disk at the metrics write cannot cost them; last.pth
             # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
             # written here is dropped again (see truncate_metrics).
             first_save(before=True)
-            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {"test_acc": test_acc}
+            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
+                "test_acc": test_acc, "val_acc": val_acc if has_val else None}
             common.save_checkpoint(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
             if is_best:
                 common.save_checkpoint(weights, save_dir / "best.pth")
             append_metrics(save_dir / "metrics.csv", dict(zip(METRICS_FIELDS, [
                 epoch + 1, f"{train_loss / train_seen:.6f}", f"{train_correct / train_seen:.6f}",
                 f"{test_loss:.6f}", f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}",
-                f"{train_seen / seconds:.1f}"])))
+                f"{train_seen / seconds:.1f}", f"{val_loss:.6f}" if has_val else "",
+                f"{val_acc:.6f}" if has_val else ""])))
             common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
             common.save_checkpoint(state, last_path)
             first_save(before=False)
             rotate(save_dir, c["keep"])
             last_save = time.monotonic()
         log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
-            f"{train_correct / train_seen:.2%} | test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
+            f"{train_correct / train_seen:.2%} | "
+            f"{f'val loss {val_loss:.4f} acc {val_acc:.2%} | ' if has_val else ''}"
+            f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
             f"{seconds:.1f} s, {train_seen / seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
 
-    log(f"done: best test accuracy {best_acc:.2%}; checkpoints in {save_dir}/ (python test.py to see predictions)")
+    chosen = f"best.pth has the best validation accuracy, {best_acc:.2%}" if has_val else "best.pth is the last epoch"
+    log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and predictions)")
     if distributed:
         dist.destroy_process_group()
 

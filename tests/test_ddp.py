@@ -24,7 +24,10 @@ from conftest import ROOT, TINY, load, make_folder, make_mnist, run_script, weig
 N_TRAIN, N_TEST = 257, 101
 # A step schedule does not depend on the number of epochs, so 1 epoch + --resume --epochs 2 can be
 # compared with 2 straight epochs.
-RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5"]
+# No validation split: the shards must cover all N_TRAIN images (the split itself is seeded, not ranked:
+# tests/test_validation.py).
+RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
+       "--val-fraction", "0"]
 
 LAUNCHER = """
 import json, os, sys
@@ -212,7 +215,8 @@ def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_ru
 
 def test_inconsistent_launches_are_one_line_errors(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=1, n_test=8)
-    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save", record=False)
+    proc = torchrun(tmp_path, *TINY, "--val-fraction", "0", "--data-dir", data, "--save-dir", tmp_path / "save",
+                    record=False)
     assert proc.returncode != 0
     assert "train.py: error: the training set has 1 images, fewer than the 2 processes" in proc.stderr
     proc = torchrun(tmp_path, *TINY, "--device", "cpu:0", "--data-dir", data, "--save-dir", tmp_path / "save",

@@ -2,6 +2,7 @@
 the DataLoader path of the folder dataset, and mixed-precision training, on small datasets written in
 MNIST's and CIFAR-10's real on-disk formats and as image files."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
 import common
-from conftest import make_cifar, make_folder, make_mnist
+from conftest import REAL_DATA, make_cifar, make_folder, make_mnist
 from net import vgg
 
 CPU = torch.device("cpu")
@@ -221,3 +222,101 @@ def test_folder_batches_follow_the_indices_and_the_step_count(tmp_path, workers)
     # An image's crop and flip do not depend on the batch it is in: what a resumed epoch relies on.
     tail = list(data.batches(indices[4:], 4, True, torch.Generator().manual_seed(1), steps=2))
     assert torch.equal(torch.cat([x for x, _ in tail]), torch.cat([x for x, _ in aug[0][1:]]))
+
+
+# ------------------------------------------------------------------------------ folders kept on the device
+
+def folder_config(root, image_size: int = 32, **kw) -> dict:
+    return {"dataset": "folder", "data_dir": str(root), "image_size": image_size, "workers": 0, **kw}
+
+
+def both_paths(root, monkeypatch, capsys, image_size: int = 32):
+    """A folder's test split in memory (DeviceImages) and through the DataLoader (FolderImages, forced by
+    a memory share of 0), with what each printed about the path it took."""
+    c = folder_config(root, image_size)
+    memory = common.load_split(c, False, CPU)
+    said_memory = capsys.readouterr().out
+    monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", 0.0)
+    loader = common.load_split(c, False, CPU)
+    said_loader = capsys.readouterr().out
+    assert isinstance(memory, common.DeviceImages) and "decoded into cpu memory" in said_memory
+    assert isinstance(loader, common.FolderImages) and "DataLoader workers every epoch" in said_loader
+    return memory, loader
+
+
+def eval_batches(data):
+    x, y = zip(*data.batches(torch.arange(len(data)), 7))
+    return torch.cat(x), torch.cat(y)
+
+
+def write_images(folder, images: dict) -> None:
+    from PIL import Image
+    for name, (mode, pixels) in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).convert(mode).save(folder / name)
+
+
+def test_in_memory_folder_equals_the_dataloader_path_for_mixed_sizes_and_modes(tmp_path, monkeypatch, capsys):
+    """Mixed sizes are resized on decoding as the eval transform resizes: the same tensors. Grey, RGBA,
+    palette and 16-bit grey files go through the same RGB conversion; 16-bit grey is scaled, not clipped."""
+    from PIL import Image
+    root = make_folder(tmp_path, n_train=3, n_test=12)  # RGB, L and RGBA of sizes 24..63
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).convert("P").save(root / "test/cat/p.png")
+    wide = np.full((36, 36), 40_000, dtype=np.uint16)
+    wide[:18] = 10_000
+    Image.fromarray(wide).save(root / "test/dog/wide.png")  # mode I;16
+    assert Image.open(root / "test/dog/wide.png").mode.startswith("I")
+    memory, loader = both_paths(root, monkeypatch, capsys)
+    xm, ym = eval_batches(memory)
+    xl, yl = eval_batches(loader)
+    assert xm.shape == xl.shape == (14, 3, 32, 32) and torch.equal(ym, yl)
+    assert (xm - xl).abs().max() < 1e-5
+    i = [p for p, _ in loader.eval_set.samples].index(str(root / "test/dog/wide.png"))
+    grey = memory.images[i].float()
+    assert grey[:, 0].mean().round() == round(10_000 / 257) and grey[:, -1].mean().round() == round(40_000 / 257)
+
+
+def test_one_shared_size_is_kept_and_resized_on_the_device(tmp_path, monkeypatch, capsys):
+    """Images that all share one size are stored at it (here 48 px, input 32 px); the device resize in
+    float32 differs from PIL's 8-bit one by at most one grey level (see tolerance()). The crop padding
+    is 1/8 of the stored side, as the DataLoader path pads 1/8 of image_size."""
+    rng = np.random.default_rng(2)
+    write_images(tmp_path / "test", {f"{k}/{i}.png": ("RGB", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+                                     for k in ("a", "b") for i in range(4)})
+    memory, loader = both_paths(tmp_path, monkeypatch, capsys)
+    assert memory.images.shape == (8, 3, 48, 48) and memory.pad == 6
+    xm, _ = eval_batches(memory)
+    xl, _ = eval_batches(loader)
+    assert xm.shape == xl.shape == (8, 3, 32, 32)
+    assert (xm - xl).abs().max() <= 1.01 / 255 / min(common.STATS["folder"][1])
+
+
+@pytest.mark.skipif(not (REAL_DATA / "cifar10-jpeg" / "train").is_dir(),
+                    reason=f"cifar10-jpeg not found under {REAL_DATA}")
+def test_real_cifar10_jpegs_in_memory_equal_the_dataloader_path(tmp_path, monkeypatch, capsys):
+    """20 real JPEGs of each class (linked, not copied), through both paths: bit-for-bit equal at 32 px."""
+    for cls in sorted((REAL_DATA / "cifar10-jpeg" / "train").iterdir()):
+        (tmp_path / "test" / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:20]:
+            (tmp_path / "test" / cls.name / f.name).symlink_to(f)
+    memory, loader = both_paths(tmp_path, monkeypatch, capsys)
+    assert memory.images.shape == (200, 3, 32, 32) and memory.pad == 4
+    xm, ym = eval_batches(memory)
+    xl, yl = eval_batches(loader)
+    assert torch.equal(ym, yl) and (xm - xl).abs().max() < 1e-5
+    # Augmented batches are crops/flips of the same kind: padded by 4 px of 32 in both.
+    xa, _ = next(memory.batches(torch.arange(64), 64, True, torch.Generator().manual_seed(0)))
+    assert not torch.equal(xa, xm[:64]) and xa.shape == xm[:64].shape
+
+
+def test_decoding_in_worker_processes_gives_the_same_split(tmp_path, capsys):
+    """More than one chunk of files (256) is decoded by a process pool: same images, same order."""
+    rng = np.random.default_rng(3)
+    write_images(tmp_path / "test", {f"{'ab'[i % 2]}/{i:03d}.png": ("RGB", rng.integers(0, 256, (8, 8, 3),
+                                                                                      dtype=np.uint8))
+                                     for i in range(600)})
+    serial = common.load_split(folder_config(tmp_path), False, CPU)
+    pooled = common.load_split(folder_config(tmp_path, workers=2), False, CPU)
+    assert serial.images.shape == (600, 3, 8, 8) and serial.pad == 1
+    assert torch.equal(serial.images, pooled.images) and torch.equal(serial.labels, pooled.labels)
