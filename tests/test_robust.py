@@ -159,7 +159,7 @@ def test_kill_9_at_several_moments_then_resume_is_exact(data, straight, tmp_path
     assert caught_in_save, "no kill landed during a save in 5 tries"
 
     proc = run_script("train.py", "--resume", "--data-dir", data, "--save-dir", tmp_path, check=True)
-    assert "done: best test accuracy" in proc.stdout
+    assert "done: best.pth has the best validation accuracy" in proc.stdout
     assert not list(tmp_path.glob(".*.tmp*"))  # leftovers of killed saves are cleaned up
     assert not weight_differences(load(tmp_path / "last.pth")["model"], straight["model"])
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
