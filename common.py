@@ -296,13 +296,14 @@ class DeviceImages:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
-                 image_size: int, device: torch.device, pad: int = 4):
+                 image_size: int, device: torch.device, pad: int = 4, flip: bool = True):
         self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
         self.labels = labels.to(device)      # (N,) int64
         self.classes = classes
         self.image_size = image_size
         self.device = device
         self.pad = pad                       # random-crop padding, in pixels of the stored image
+        self.flip = flip                     # horizontal flips (not for digits: a mirrored 2 is no 2)
         c = self.images.shape[1]
         self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, c, 1, 1)
@@ -313,16 +314,18 @@ class DeviceImages:
     def preprocess(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None):
         """uint8 (B, C, h, w) on the device -> normalized float (B, 3, S, S), channels_last."""
         x = x.float().div_(255)
-        if augment:  # random crop with zero padding and horizontal flip, at the stored resolution
+        if augment:  # random crop with zero padding (and horizontal flip), at the stored resolution
             b, _, h, w = x.shape
             p = self.pad
             x = F.pad(x, (p, p, p, p))
             g = generator.device if generator is not None else x.device  # MPS draws on a CPU generator
             dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
             dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
-            flip = (torch.rand(b, 1, 1, device=g, generator=generator) < 0.5).to(x.device)
             cols = torch.arange(w, device=x.device).view(1, 1, w)
-            cols = torch.where(flip, w - 1 - cols, cols) + dx                       # (B, 1, w)
+            if self.flip:
+                flip = (torch.rand(b, 1, 1, device=g, generator=generator) < 0.5).to(x.device)
+                cols = torch.where(flip, w - 1 - cols, cols)
+            cols = cols + dx                                                        # (B, 1, w)
             rows = torch.arange(h, device=x.device).view(1, h, 1) + dy              # (B, h, 1)
             x = x[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols]    # (B, h, w, C)
             x = x.permute(0, 3, 1, 2)
@@ -671,7 +674,8 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None, d
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
-    return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device)
+    return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
+                        flip=c["dataset"] not in ("mnist", "fashion-mnist"))
 
 
 class Subset:

@@ -40,7 +40,7 @@ from common import UserError
 DATASET = "mnist"                              # mnist | fashion-mnist | cifar10 | folder (DATA_DIR/train/CLASS/*.jpg and DATA_DIR/test/...)
 DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else ./data)
 IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
-AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding) + flip; auto = on for cifar10/folder
+AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding), + flip except digits/clothes; auto = on for cifar10/folder
 WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
 SKIP_BAD_IMAGES = False                        # folder dataset: leave out unreadable image files (else they stop the run)
 VAL_FRACTION = 0.1                             # share of train images held out to choose best.pth (0: none); a folder's val/ wins

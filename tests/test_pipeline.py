@@ -141,6 +141,22 @@ def test_flip_and_shift_move_a_known_pixel():
     assert set(cols) & unflipped and set(cols) & flipped
 
 
+def test_digits_are_shifted_but_never_mirrored(tmp_path):
+    """--augment on for MNIST and Fashion-MNIST: random shifts only (a mirrored 2 or 7 is no digit);
+    CIFAR-10 is still flipped."""
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    c = {"dataset": "mnist", "data_dir": str(root), "image_size": 32}
+    data = common.load_split(c, True, CPU)
+    assert not data.flip
+    images = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 10, 5] = 255
+    data.images = images
+    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(1))
+    cols = {int(torch.nonzero(img[0] == img[0].max(), as_tuple=True)[1][0]) for img in out}
+    assert max(cols) < 16 and len(cols) > 4  # shifted around its column, never mirrored to the right half
+    assert device_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).flip
+
+
 def test_augmentation_repeats_with_the_same_seed(tmp_path):
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
     data = common.load_split(config("mnist", root, 32), True, CPU)
