@@ -606,9 +606,13 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     probed = _chunked(_probe, paths, workers, f"checking {split}")
     bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
     sizes = {size for size, _ in probed if size}
-    # One shared size is kept as it is (the device resizes a batch at a time); mixed sizes are brought to
-    # the network's input size on decoding, as the DataLoader path's Resize does.
-    w, h = sizes.pop() if len(sizes) == 1 else (c["image_size"], c["image_size"])
+    # One shared size no larger than the network's input is kept as it is (the device upsamples a batch
+    # at a time, where antialiasing changes nothing); larger or mixed sizes are brought to the input size
+    # on decoding, as the DataLoader path's Resize does, so the device never has to shrink an image.
+    side = c["image_size"]
+    w, h = sizes.pop() if len(sizes) == 1 else (side, side)
+    if w > side or h > side:
+        w, h = side, side
     need = len(paths) * 3 * w * h
     fits = need <= FOLDER_MEMORY_SHARE * _free_memory(device)
     ok = [i for i, (_, why) in enumerate(probed) if not why]

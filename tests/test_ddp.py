@@ -92,12 +92,13 @@ with open(f"{{out}}/record{{rank}}.json", "w") as f:
 """
 
 
-def torchrun(tmp: Path, *args, nproc: int = 2, record: bool = True, env=None) -> subprocess.CompletedProcess:
-    """Launch train.py (through the recording launcher when `record`) on `nproc` CPU processes."""
-    script = ROOT / "train.py"
-    if record:
+def torchrun(tmp: Path, *args, nproc: int = 2, record: bool = True, env=None, script: Path | None = None
+             ) -> subprocess.CompletedProcess:
+    """Launch train.py (through the recording launcher when `record`, or `script`) on `nproc` CPU processes."""
+    if script is None and record:
         script = tmp / "launcher.py"
         script.write_text(LAUNCHER.format(root=str(ROOT), out=str(tmp)))
+    script = script or ROOT / "train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -299,12 +300,16 @@ def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exa
     epoch 2, and --resume must continue exactly."""
     data = make_folder(tmp_path / "data", n_train=96, n_test=16)
     run = [*RUN, "--dataset", "folder", "--batch-size", "8", "--workers", "1", "--data-dir", data]
-    ok(torchrun(tmp_path, *run, "--save-dir", tmp_path / "straight", record=False))
+    # This small folder would be kept in memory: a memory share of 0 sends it through DataLoader workers.
+    script = tmp_path / "dataloader_path.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'train.py'\n"
+                      "import common, train; common.FOLDER_MEMORY_SHARE = 0.0; train.run()\n")
+    ok(torchrun(tmp_path, *run, "--save-dir", tmp_path / "straight", script=script))
 
     save = tmp_path / "stopped"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "train.py"), *map(str, run), "--save-dir", str(save)], cwd=ROOT, env=env,
+                             str(script), *map(str, run), "--save-dir", str(save)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (save / "epoch_001.pth").exists():  # epoch 2 is about to begin
@@ -322,5 +327,5 @@ def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exa
     stopped = load(save / "last.pth")
     assert stopped["epoch"] == 1 and 0 < stopped["step"] < 6, (stopped["epoch"], stopped["step"])
 
-    ok(torchrun(tmp_path, *run, "--resume", "--save-dir", save, record=False))
+    ok(torchrun(tmp_path, *run, "--resume", "--save-dir", save, script=script))
     assert not weight_differences(load(save / "last.pth")["model"], load(tmp_path / "straight" / "last.pth")["model"])

@@ -636,7 +636,8 @@ def test_many_classes_print_the_most_confused_pairs_and_draw_a_picture_that_fits
 
     monkeypatch.setattr(Figure, "savefig", bounded_savefig)
     old = sys.argv
-    sys.argv = ["test.py", "--checkpoint", str(tmp_path / "big.pth"), "--device", "cpu", "--grid", "0"]
+    sys.argv = ["test.py", "--checkpoint", str(tmp_path / "big.pth"), "--device", "cpu", "--grid", "0",
+                "--data-dir", str(tmp_path / "data")]
     try:
         test_script()
     finally:
@@ -867,7 +868,7 @@ def test_test_script_checks_a_folder_test_split(tmp_path, test_script, monkeypat
     model = common.build_model(c, 3)
     common.save_checkpoint({"model": model.state_dict(), "config": c, "classes": ["cat", "dog", "ship"],
                             "epoch": 1}, tmp_path / "m.pth")
-    args = ["test.py", "--checkpoint", tmp_path / "m.pth", "--device", "cpu", "--grid", "0"]
+    args = ["test.py", "--checkpoint", tmp_path / "m.pth", "--device", "cpu", "--grid", "0", "--data-dir", root]
     monkeypatch.setattr(sys, "argv", list(map(str, args)))
     with pytest.raises(SystemExit) as e:
         test_script()
