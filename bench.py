@@ -7,7 +7,7 @@
     python bench.py --help                            # every option with its default
 
 The pipelines, each training the same architecture at the same batch size with SGD + momentum:
-  (a) this repo's: the split kept on the device as uint8 (common.DeviceImages), batches cut from a
+  (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from a
       seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where supported.
   (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a DataLoader,
       then per batch a numpy round trip that copies the 1 channel into 3, fp32. The model is this repo's
@@ -51,8 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common
-from common import UserError
+import cli
+import devices
+import imagedata
+from cli import UserError
+from imagedata import DATASETS
 from net import vgg
 
 # ------------------------------------------------------------------------------------------ settings
@@ -90,7 +93,7 @@ QUICK = {"image_size": 32, "batch_size": 64, "width_div": 4, "warmup": 1, "steps
 
 
 def parse_args(argv=None):
-    p = common.OneLineParser(description=__doc__.splitlines()[0])
+    p = cli.OneLineParser(description=__doc__.splitlines()[0])
     q = "; --quick: {}"
     p.add_argument("--device", default=DEVICE, help=f"auto | cuda | cuda:N | npu | mps | cpu (default: {DEVICE})")
     p.add_argument("--dataset", default=DATASET, choices=("mnist", "fashion-mnist", "synthetic"),
@@ -110,7 +113,7 @@ def parse_args(argv=None):
                    + q.format(QUICK["warmup"]) + ")")
     p.add_argument("--workers", type=int, help=f"DataLoader workers for (b) and (c) (default: {WORKERS_CPU} on CPU, "
                    f"{WORKERS_ACCEL} on an accelerator)")
-    p.add_argument("--amp", default=AMP, choices=common.AMP_MODES, help=f"autocast dtype of (a) (default: {AMP})")
+    p.add_argument("--amp", default=AMP, choices=cli.AMP_MODES, help=f"autocast dtype of (a) (default: {AMP})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
                    help=f"torch.compile the model of (a) (default: {COMPILE})")
     p.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=FUSED_SGD,
@@ -274,7 +277,7 @@ def resolve_dataset(args) -> str:
         return ""
     except RuntimeError:  # torchvision: "Dataset not found"; this script never downloads
         where = f"{args.dataset} not found under {Path(args.data_dir).resolve()} (expected " \
-                f"{common.EXPECTED_FILES[args.dataset]})"
+                f"{DATASETS[args.dataset].files})"
         if not args.quick:
             raise UserError(f"{where}; set DATA_DIR or --data-dir, or run with --dataset synthetic") from None
         args.dataset = "synthetic"
@@ -295,15 +298,15 @@ def sgd(model, fused: bool = False):
 
 
 def pipeline_repo(args, device, amp, synthetic_size):
-    """(a) common.DeviceImages: uint8 on the device, preprocessed there; channels_last; autocast."""
-    mean, std = common.STATS.get(args.dataset, common.STATS["mnist"])
+    """(a) imagedata.DeviceImages: uint8 on the device, preprocessed there; channels_last; autocast."""
+    mean, std = DATASETS.get(args.dataset, DATASETS["mnist"]).stats
     if args.dataset == "synthetic":
         raw = SyntheticMNIST(synthetic_size, SEED)
-        data = common.DeviceImages(raw.data.unsqueeze(1), raw.targets, raw.classes, mean, std, args.image_size, device)
+        data = imagedata.DeviceImages(raw.data.unsqueeze(1), raw.targets, raw.classes, mean, std, args.image_size, device)
     else:
         config = {"dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size, "workers": 0}
-        data = common.load_split(config, True, device)
-    indices = common.shard_indices(len(data), SEED, epoch=0)
+        data = imagedata.load_split(config, True, device)
+    indices = imagedata.shard_indices(len(data), SEED, epoch=0)
     batches = data.batches(indices, args.batch_size)  # augmentation off, as train.py has it for MNIST
 
     def build():
@@ -318,7 +321,7 @@ def pipeline_repo(args, device, amp, synthetic_size):
     train_model = torch.compile(model) if args.compile else model
 
     def step(x, y):
-        with common.autocast(device, amp):
+        with devices.autocast(device, amp):
             loss = F.cross_entropy(train_model(x), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -384,7 +387,7 @@ def torchvision_vgg16(batch_norm: bool, width_div: int) -> nn.Module:
 def pipeline_torchvision(args, device, amp, synthetic_size):
     """(c) torchvision's model and standard transforms, DataLoader, fp32."""
     from torchvision import transforms
-    mean, std = common.STATS.get(args.dataset, common.STATS["mnist"])
+    mean, std = DATASETS.get(args.dataset, DATASETS["mnist"]).stats
     transform = transforms.Compose([
         transforms.Resize(args.image_size), transforms.Grayscale(num_output_channels=3), transforms.ToTensor(),
         transforms.Normalize(mean * 3, std * 3)])
@@ -413,9 +416,9 @@ def human_bytes(n: int) -> str:
 
 def main() -> None:
     args = parse_args()
-    device = common.pick_device(args.device)
-    common.use_device(device)  # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
-    amp = common.amp_dtype(device, args.amp)
+    device = devices.pick_device(args.device)
+    devices.use_device(device)  # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
+    amp = devices.amp_dtype(device, args.amp)
     data_note = resolve_dataset(args)
     synthetic_size = args.batch_size * (args.warmup + args.steps)  # only what the steps consume
     precision = str(amp).replace("torch.", "") if amp else "fp32"
@@ -499,4 +502,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -133,3 +133,8 @@ def MyVgg16Net(num_classes: int = 10, batch_norm: bool = False, dropout: float =
                width_div: int = 1, init_weights: bool = True) -> VGG:
     """VGG16 (configuration D): 13 convolutions and 3 fully connected layers."""
     return vgg(16, num_classes, batch_norm, dropout, width_div, init_weights)
+
+
+def build_model(c: dict, num_classes: int) -> VGG:
+    """The network a run's config describes (train.py's settings, or a checkpoint's "config")."""
+    return vgg(c["depth"], num_classes, c["batch_norm"], c["dropout"], c["width_div"])

@@ -16,7 +16,6 @@ exactly as the test images were during training. Nothing opens a window.
 """
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,8 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
-from common import UserError
+import checkpoints
+import cli
+import devices
+import imagedata
+import plots
+from cli import UserError
+from imagedata import DATASETS
+from net import build_model
 
 # ------------------------------------------------------------------------------------------------ defaults
 CHECKPOINT = "save_model/best.pth"   # the checkpoint to load
@@ -37,16 +42,12 @@ INVERT = "auto"                      # --image with mnist/fashion-mnist models: 
 TOP_K = 3                            # --image: how many of the most likely classes to print
 # ---------------------------------------------------------------------------------------------------------
 
-# The size each dataset stores its images at; --image brings any picture to it before the device
-# preprocessing (normalise, resize to the network's input, grey -> 3 channels) that training used.
-STORED_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32}
-GRAY = ("mnist", "fashion-mnist")     # light strokes on a dark background, single channel
 # What a folder given to --image is searched for (recursively). Files named explicitly are tried whatever their name.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = common.OneLineParser(description=__doc__.splitlines()[0],
+    p = cli.OneLineParser(description=__doc__.splitlines()[0],
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=CHECKPOINT, help="checkpoint file written by train.py")
     p.add_argument("--show", type=int, default=SHOW, metavar="N", help="print the prediction of the first N test images")
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--image: print the K most likely classes with their probabilities")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     p.add_argument("--device", default=DEVICE, help="auto | cuda | npu | mps | cpu")
-    p.add_argument("--amp", default=None, choices=common.AMP_MODES,
+    p.add_argument("--amp", default=None, choices=cli.AMP_MODES,
                    help="mixed precision; None: the checkpoint's setting")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="folder test split: leave out unreadable image files (else they stop the run)")
@@ -85,18 +86,18 @@ def check_paths(args) -> None:
     for flag in ("--checkpoint", "--out", "--data-dir"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            common.check_path(flag, value)
+            cli.check_path(flag, value)
     if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
-        common.check_path("--data-dir (or DATA_DIR)", "")
+        cli.check_path("--data-dir (or DATA_DIR)", "")
     if args.grid_seed is not None:
-        common.check_seed("--grid-seed", args.grid_seed)
+        cli.check_seed("--grid-seed", args.grid_seed)
 
 
 def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
-    ckpt = common.load_checkpoint(path, map_location="cpu")
-    model = common.build_model(ckpt["config"], len(ckpt["classes"]))
-    common.load_model_state(model, ckpt["model"], path)
+    ckpt = checkpoints.load(path, map_location="cpu")
+    model = build_model(ckpt["config"], len(ckpt["classes"]))
+    checkpoints.load_model_state(model, ckpt["model"], path)
     model = model.to(device)
     if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)
@@ -109,7 +110,7 @@ def predict_logits(model, batches, device, amp) -> torch.Tensor:
     model.eval()
     logits = []
     for x, _ in batches:
-        with common.autocast(device, amp):
+        with devices.autocast(device, amp):
             logits.append(model(x).float().cpu())
     return torch.cat(logits)
 
@@ -121,8 +122,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch
     return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
 
 
-MAX_MATRIX_CLASSES = 30  # beyond this the confusion matrix is too wide to read: the worst pairs are listed
-MOST_CONFUSED = 20      # how many of them
+MOST_CONFUSED = 20  # above plots.MAX_MATRIX_CLASSES classes, this many of the worst pairs replace the matrix
 
 
 def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) -> list[str]:
@@ -138,14 +138,14 @@ def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) 
 def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     """The per-class table and the confusion matrix as text. Long class names (cifar10's "automobile")
     would make 10 columns too wide, so the matrix then numbers its columns and rows. Above
-    MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
+    plots.MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
     count, correct = cm.sum(1).tolist(), cm.diag().tolist()
     name_w = max(5, *map(len, classes))
     lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}"]
     for name, n, k in zip(classes, count, correct):
         lines.append(f"{name:<{name_w}}  {n:>6}  {k:>7}  {k / n if n else float('nan'):>8.2%}")
 
-    if len(classes) > MAX_MATRIX_CLASSES:
+    if len(classes) > plots.MAX_MATRIX_CLASSES:
         pairs = most_confused(cm, classes)
         lines += ["", f"most confused pairs (actual -> predicted), of {len(classes)} classes:"]
         return "\n".join(lines + ["  " + p for p in pairs] + ([] if pairs else ["  none: no mistakes"]))
@@ -162,77 +162,10 @@ def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def save_figure(fig, path: Path) -> None:
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    print(f"wrote {path}")
-
-
-def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
-    """confusion.png: counts in the cells, coloured by their share of the actual class."""
-    from matplotlib.colors import PowerNorm
-    from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
-    n = len(classes)
-    share = (cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
-    side = min(max(4.0, 0.4 * n + 1.4), 16.0)  # at most 1600 px: with many classes a cell is a pixel or less
-    fig = Figure(figsize=(side, side * 0.92), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    # gamma < 1 so that a class confused 1% of the time is already visibly tinted
-    ax.imshow(share, cmap="Blues", norm=PowerNorm(0.4, vmin=0, vmax=1))
-    if n <= 30:  # beyond that the numbers no longer fit in the cells
-        for (i, j), v in np.ndenumerate(cm.numpy()):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                    color="white" if share[i, j] > 0.5 else ("0.75" if v == 0 else "black"))
-    long_names = max(map(len, classes)) > 3
-    if n <= MAX_MATRIX_CLASSES:
-        ax.set_xticks(range(n), classes, rotation=45 if long_names else 0,
-                      ha="right" if long_names else "center", fontsize=8)
-        ax.set_yticks(range(n), classes, fontsize=8)
-        ax.set(xlabel="predicted", ylabel="actual")
-    else:  # names would overlap: the axes count class indices (the order of the per-class table)
-        ax.set(xlabel="predicted (class index)", ylabel="actual (class index)")
-    acc = cm.diag().sum().item() / max(1, cm.sum().item())
-    ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
-    save_figure(fig, path)
-
-
-def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor, classes: list[str],
-              path: Path) -> None:
-    """predictions.png: the images as the dataset stores them, each with its predicted and actual label;
-    mistakes get a red caption and a red frame."""
-    from matplotlib.figure import Figure
-    cols = min(len(indices), max(8, math.ceil(math.sqrt(len(indices)))))
-    rows = math.ceil(len(indices) / cols)
-    cell = max(0.95, 0.075 * (5 + max(map(len, classes))))  # inches: room for "pred automobile"
-    fig = Figure(figsize=(cols * cell, rows * 1.12 + 0.3), dpi=80, layout="constrained")
-    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
-    wrong = 0
-    for ax, i in zip(axes, indices):
-        img, p, y = data.raw(i), int(preds[i]), int(labels[i])
-        ok = p == y
-        wrong += not ok
-        gray = img.mode == "L"
-        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None, vmax=255 if gray else None,
-                  interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"pred {classes[p]}\ntrue {classes[y]}", fontsize=7, color="black" if ok else "red",
-                     fontweight="normal" if ok else "bold", pad=2)
-        for spine in ax.spines.values():
-            spine.set_color("0.8" if ok else "red")
-            spine.set_linewidth(0.5 if ok else 2.5)
-    for ax in axes[len(indices):]:  # the empty cells of the last row
-        ax.set_axis_off()
-    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)", fontsize=9)
-    save_figure(fig, path)
-
-
 def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     classes = ckpt["classes"]
     out = output_dir(args)  # before the evaluation, which can take a while: fail early if it cannot be made
-    data = common.load_split(c, False, device, classes=classes, download=False)  # never into a wrong DATA_DIR
+    data = imagedata.load_split(c, False, device, classes=classes, download=False)  # never into a wrong DATA_DIR
     preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size), device, amp).argmax(1)
     labels = data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
@@ -245,7 +178,7 @@ def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     print()
     print(format_tables(cm, classes))
     print()
-    draw_confusion(cm, classes, out / "confusion.png")
+    plots.draw_confusion(cm, classes, out / "confusion.png")
     if args.grid:
         n = min(args.grid, len(data))
         if args.grid_seed is None:
@@ -253,7 +186,7 @@ def evaluate_split(args, model, ckpt, c, device, amp) -> None:
         else:  # sorted, so they can be found in the --show-all listing
             g = torch.Generator().manual_seed(args.grid_seed)
             indices = sorted(torch.randperm(len(data), generator=g)[:n].tolist())
-        draw_grid(data, indices, preds, labels, classes, out / "predictions.png")
+        plots.draw_grid(data, indices, preds, labels, classes, out / "predictions.png")
 
 
 def output_dir(args) -> Path:
@@ -299,35 +232,25 @@ def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels take the colour of the paper they would be drawn on: white.
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        im = common.eight_bit(im)  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
-        size = STORED_SIZE[dataset]
-        im = im.convert("L" if dataset in GRAY else "RGB")
+        im = imagedata.eight_bit(im)  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
+        size = DATASETS[dataset].stored_size
+        im = im.convert("L" if DATASETS[dataset].grey else "RGB")
         # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not aliased.
         im = im.resize((size, size), Image.Resampling.BILINEAR)
         inverted = False
-        if dataset in GRAY and (invert == "on" or invert == "auto" and np.asarray(im).mean() > 127):
+        if DATASETS[dataset].grey and (invert == "on" or invert == "auto" and np.asarray(im).mean() > 127):
             im, inverted = ImageOps.invert(im), True
         x = torch.from_numpy(np.array(im))
         return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)), inverted
-
-
-def folder_eval_transform(image_size: int):
-    """common.FolderImages' eval transform, built without reading a dataset folder
-    (tests/test_visual.py checks that both give the same tensor)."""
-    from torchvision import transforms
-    mean, std = common.STATS["folder"]
-    return transforms.Compose([transforms.Lambda(common._rgb),
-                               transforms.Resize((image_size, image_size), antialias=True),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def predict_files(args, model, c, classes, device, amp) -> int:
     """Print the prediction for every image, a batch of files at a time (a folder of photos at 224 px
     would not fit in memory at once); returns how many paths could not be read."""
     dataset = c["dataset"]
-    if args.invert == "on" and dataset not in GRAY:
+    if args.invert == "on" and not DATASETS[dataset].grey:
         raise UserError(f"--invert applies to mnist and fashion-mnist models; this one was trained on {dataset}")
-    folder_transform = folder_eval_transform(c["image_size"]) if dataset == "folder" else None
+    folder_transform = imagedata.eval_transform(c["image_size"]) if dataset == "folder" else None
     errors = []
 
     def report(message):
@@ -355,8 +278,8 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         if dataset == "folder":  # already through the eval transform
             batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
         else:  # the very same device preprocessing as the test split: a DeviceImages of these images
-            mean, std = common.STATS[dataset]
-            batches = common.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes, mean, std,
+            mean, std = DATASETS[dataset].stats
+            batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes, mean, std,
                                           c["image_size"], device).batches(torch.arange(len(x)), len(x))
         probs = torch.softmax(predict_logits(model, batches, device, amp), dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
@@ -371,12 +294,12 @@ def predict_files(args, model, c, classes, device, amp) -> int:
 def main() -> None:
     args = parse_args()
     check_paths(args)
-    device = common.pick_device(args.device)
+    device = devices.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])
     c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
     c["skip_bad_images"] = args.skip_bad_images
-    amp = common.amp_dtype(device, args.amp or c["amp"])
+    amp = devices.amp_dtype(device, args.amp or c["amp"])
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}, "
           f"{c['dataset']} at {c['image_size']} px, trained {ckpt['epoch']} epoch(s)")
     if args.image:
@@ -388,7 +311,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     try:
-        common.run_main(main)
+        cli.run_main(main)
     except BrokenPipeError:  # python test.py --show-all | head: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent too
         sys.exit(1)

@@ -10,8 +10,6 @@
 Then `python test.py` reloads save_model/best.pth and shows predicted against actual labels.
 """
 
-import csv
-import errno
 import math
 import os
 import shutil
@@ -26,13 +24,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-try:
-    import fcntl  # the save-folder lock; not on Windows
-except ImportError:
-    fcntl = None
-
-import common
-from common import UserError
+import checkpoints
+import cli
+import devices
+import imagedata
+import plots
+from cli import UserError, console
+from net import build_model
 
 # ------------------------------------------------------------------------------------------ hyperparameters
 # Edit these, or override any of them on the command line (python train.py --lr 0.05 --no-batch-norm).
@@ -70,20 +68,12 @@ KEEP = 3                                       # how many epoch_NNN.pth to keep 
 SAVE_EVERY_MINUTES = 0.0                       # also write last.pth inside an epoch this often (0 = only at epoch ends)
 LOG_EVERY = 50                                 # steps between progress-bar updates (each costs one device sync)
 # ---------------------------------------------------------------------------------------------------------
+DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
 
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
 RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
                 "log_every", "epochs", "skip_bad_images")
-
-
-# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's first save.
-OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
-# Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
-RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
-# val_loss and val_acc come last, so a metrics.csv begun before validation splits keeps its columns.
-METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-                  "images_per_s", "val_loss", "val_acc"]
 
 
 class Diverged(Exception):
@@ -113,11 +103,6 @@ class StopSignals:
         if self.signal is not None and signum == signal.SIGINT and not self.distributed:
             raise KeyboardInterrupt
         self.signal = self.signal or signum
-
-
-def hyperparameters() -> dict:
-    """The constants of the block above, in order (UPPERCASE names holding plain values)."""
-    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (bool, int, float, str))}
 
 
 def extra_options(parser) -> None:
@@ -176,305 +161,6 @@ def merge_resumed_config(stored: dict, given: dict, typed: set, log) -> dict:
     return merged
 
 
-def setup_distributed() -> tuple[int, int, int | None]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, None) for a plain run."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-
-
-class QuietStream:
-    """A text stream whose write errors are swallowed: a reader that has gone (`| head -1`) or a full disk
-    behind stdout or stderr (`> /dev/full`) must never end a training run. After the first failure the
-    stream's file descriptor points at /dev/null, so later lines and the flush at exit go nowhere, quietly."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError:
-            self._silence()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError:
-            self._silence()
-
-    def _silence(self) -> None:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError):
-            pass
-
-    def __getattr__(self, name):  # isatty, fileno, encoding: what tqdm asks of its stream
-        return getattr(self.stream, name)
-
-
-def console(*args, file=None, **kwargs) -> None:
-    """print for progress lines (see QuietStream); flushed, so a failure surfaces here, not at exit."""
-    print(*args, file=QuietStream(file or sys.stdout), **{**kwargs, "flush": True})
-
-
-_lock = None  # (open file, path) of SAVE_DIR/.lock while this process holds it
-
-
-def lock_save_dir(folder: Path) -> None:
-    """Take SAVE_DIR/.lock for the whole run, before anything in the folder is read or changed: a second
-    train.py on the same folder is refused with the holder's pid. The OS drops the lock when the process
-    ends, however it ends, so kill -9 leaves no stale lock behind (only the file, which is taken over)."""
-    global _lock
-    check_writable(folder)
-    if fcntl is None:
-        return
-    path = folder / ".lock"
-    while True:
-        try:
-            f = open(path, "a+")
-        except OSError as e:  # e.g. a folder of that name
-            raise UserError(f"cannot open the lock file {path}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"  # "?": the holder has the lock but has not written its pid yet
-            f.close()
-            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
-                            "stop it, or pick another --save-dir") from None
-        except OSError as e:  # a file system without locks (some network mounts): go on unguarded
-            f.close()
-            print(f"warning: could not lock {folder} ({e.strerror or e}); make sure no other run uses it",
-                  file=sys.stderr)
-            return
-        try:  # the holder may have ended and removed the file between our open and our lock
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _lock = (f, path)
-
-
-def unlock_save_dir() -> None:
-    """Remove the lock file, then let go of the lock (in that order: see lock_save_dir's inode check)."""
-    global _lock
-    if _lock is not None:
-        f, path = _lock
-        path.unlink(missing_ok=True)
-        f.close()
-        _lock = None
-
-
-def previous_run_files(folder: Path) -> list[str]:
-    epochs = sorted(p.name for p in folder.glob("epoch_*.pth"))
-    return epochs + [n for n in RUN_FILES if (folder / n).exists()]
-
-
-def set_aside_old_run(folder: Path) -> Path | None:
-    """--overwrite: move the previous run's files into SAVE_DIR/.replaced/ just before the new run's first
-    save (renames, so instant). A new run that fails earlier leaves the old one whole; one killed during
-    its first save leaves the old files in .replaced/."""
-    old = [p for p in [*folder.glob("epoch_*.pth"), *(folder / n for n in OLD_RUN_FILES)]
-           if p.exists() or p.is_symlink()]
-    if not old:
-        return None
-    aside = folder / ".replaced"
-    shutil.rmtree(aside, ignore_errors=True)  # left by an --overwrite killed in its first save
-    aside.mkdir()
-    for p in old:
-        os.replace(p, aside / p.name)
-    return aside
-
-
-def restore_best(folder: Path, ckpt: dict, log) -> bool:
-    """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch
-    (the best validation accuracy; without a validation split the last epoch; in checkpoints written
-    before validation splits, the best test accuracy). False when none of them is that epoch."""
-    best = folder / "best.pth"
-    if best.exists() or ckpt["epoch"] == 0:
-        return True
-    for path in sorted(folder.glob("epoch_*.pth"), reverse=True):
-        try:  # mmap: only the few plain values are read from the disk
-            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            continue
-        if not isinstance(weights, dict):
-            continue
-        if "val_acc" not in weights:
-            is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
-        elif weights["val_acc"] is None:
-            is_best = weights.get("epoch") == ckpt["epoch"]
-        else:
-            is_best = weights["val_acc"] == ckpt["best_acc"]
-        if is_best:
-            common.save_checkpoint(weights, best)
-            log(f"resume: {best} was missing: restored from {path.name}")
-            return True
-    log(f"resume: {best} is missing and no kept epoch_NNN.pth is the best epoch: the best of the epochs "
-        "to come becomes best.pth")
-    return False
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the save folder {folder}: {e.strerror or e}") from None
-
-
-def rotate(save_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` epoch_NNN.pth (0 keeps all)."""
-    if keep > 0:
-        for old in sorted(save_dir.glob("epoch_*.pth"))[:-keep]:
-            old.unlink(missing_ok=True)
-
-
-def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
-    """metrics.csv's rows, header first; None when there is none. metrics.csv is a log, never a reason to
-    stop: one that cannot be read as written by this header is set aside with a warning."""
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        if not path.is_file():  # a folder, or a FIFO that would block
-            raise ValueError("not a regular file")
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        if rows and len(rows[0]) < len(header) and rows[0] == header[:len(rows[0])]:
-            # written by a version with fewer columns: the missing ones are empty in its rows
-            rows = [header] + [r + [""] * (len(header) - len(rows[0])) if len(r) == len(rows[0]) else r
-                               for r in rows[1:]]
-        if not rows or rows[0] != header:
-            raise ValueError("another header")
-        for r in rows[1:]:
-            if len(r) != len(header):
-                raise ValueError(f"a row of {len(r)} columns")
-            int(r[0])
-    except (OSError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
-        aside = path.with_name(path.name + ".damaged")
-        n = 1
-        while aside.exists() or aside.is_symlink():
-            n += 1
-            aside = path.with_name(f"{path.name}.damaged{n}")
-        try:
-            os.replace(path, aside)
-        except OSError as e2:
-            raise UserError(f"{path} is damaged ({e}) and could not be moved aside: "
-                            f"{e2.strerror or e2}") from None
-        reason = str(e).splitlines()[0][:80]
-        print(f"warning: {path} is damaged ({reason}): moved to {aside.name}; a new one is started",
-              file=sys.stderr)
-        return None
-    return rows
-
-
-def write_metrics(path: Path, rows: list[list[str]]) -> None:
-    """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a row."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {path}: {reason}; the previous {path.name} is unchanged") from None
-
-
-def append_metrics(path: Path, row: dict) -> None:
-    rows = read_metrics(path, list(row)) or [list(row)]
-    write_metrics(path, rows + [[str(v) for v in row.values()]])
-
-
-def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop rows of epochs after the checkpoint's (written by a run that died before saving last.pth)."""
-    rows = read_metrics(path, METRICS_FIELDS)
-    if rows is not None:
-        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
-        if len(kept) != len(rows):
-            write_metrics(path, kept)
-
-
-def sum_across(values: list[float], device, distributed: bool) -> list[float]:
-    """Sum per-process totals over all processes (identity for a plain run). float32, since neither
-    MPS nor HCCL (Ascend) has float64; counts stay exact up to 2**24 images."""
-    if not distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float32, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def random_state(device: torch.device, aug_gen: torch.Generator) -> dict:
-    """This process's random streams, each with the device type it belongs to: the CPU's, the
-    augmentation generator's, and the device's own, which dropout on CUDA/NPU/MPS draws from."""
-    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(), "aug_device": aug_gen.device.type,
-             "device": device.type}
-    if device.type != "cpu":
-        state["device_rng"] = getattr(torch, device.type).get_rng_state(device)
-    return state
-
-
-def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Generator) -> str | None:
-    """Put the streams of random_state back. Streams of another device type cannot be (a CUDA generator
-    state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says so.
-    Checkpoints that stored no device types hold CPU and augmentation states only."""
-    torch.set_rng_state(state["torch"])
-    aug_device = state.get("aug_device")
-    if aug_device is None:  # no device type stored: tell a CPU generator's state by its size
-        cpu_size = torch.Generator().get_state().numel()
-        aug_device = "cpu" if state["aug"].numel() == cpu_size else "an accelerator"
-    fresh = []
-    if aug_device == aug_gen.device.type:
-        aug_gen.set_state(state["aug"])
-    else:
-        fresh.append(f"augmentation (saved on {aug_device})")
-    if device.type != "cpu":
-        if state.get("device") == device.type:
-            getattr(torch, device.type).set_rng_state(state["device_rng"], device)
-        else:
-            fresh.append(f"dropout (saved on {state.get('device', 'an unrecorded device')})")
-    if fresh:
-        return (f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams "
-                "start afresh")
-    return None
-
-
-def slow_epoch_warning(device: torch.device, step_seconds: float, steps: int,
-                       limit_seconds: float = 3600.0) -> str | None:
-    """On a CPU, one line when an epoch would take longer than limit_seconds at this step time."""
-    if device.type != "cpu" or step_seconds * steps <= limit_seconds:
-        return None
-    return (f"warning: at {step_seconds:.1f} s a step, an epoch of {steps} steps takes about "
-            f"{step_seconds * steps / 3600:.1f} hours on this CPU; a run of minutes: "
-            "python train.py --image-size 32 --width-div 4 --epochs 1")
-
-
-def out_of_memory_message(e: BaseException, run: dict) -> str:
-    """One line for an out-of-memory error: where, at which batch size, and one estimated to fit."""
-    if "config" not in run:
-        return f"out of memory before training began ({str(e).splitlines()[0][:200]})"
-    c, device = run["config"], run["device"]
-    fixed, per_image = common.memory_estimate(c, run["classes"], run["amp"])
-    total = common.device_memory(device)
-    fits = common.batch_that_fits(c["batch_size"], total, fixed, per_image)
-    has = f" ({total / 2**30:.1f} GiB)" if total else ""
-    advice = (f"try --batch-size {fits} (estimated to fit)" if fits else
-              "not even one image fits: try a smaller --image-size or a larger --width-div")
-    precision = "" if run["amp"] is not None else ", or --amp bf16/fp16 (about half the activations)"
-    return f"out of memory on {device}{has} at batch size {c['batch_size']}: {advice}{precision}"
-
-
 @torch.inference_mode()
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
@@ -483,35 +169,35 @@ def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: in
     correct = torch.zeros((), dtype=torch.long, device=device)
     indices = torch.arange(len(data))[rank::world]
     for x, y in data.batches(indices, batch_size):
-        with common.autocast(device, amp):
+        with devices.autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    loss_sum, correct = sum_across([loss_sum.item(), correct.item()], device, world > 1)
+    loss_sum, correct = devices.sum_across([loss_sum.item(), correct.item()], device, world > 1)
     return loss_sum / len(data), correct / len(data)
 
 
 def main() -> None:
-    config, args = common.parse_config(hyperparameters(), __file__, __doc__.splitlines()[0], extra=extra_options)
-    common.check_config(config)
-    rank, world, local_rank = setup_distributed()
+    config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], extra=extra_options)
+    cli.check_config(config)
+    rank, world, local_rank = devices.setup_distributed()
     distributed, master = world > 1, rank == 0
     log = console if master else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
     last_path = save_dir / "last.pth"
     if master:
-        lock_save_dir(save_dir)
+        checkpoints.lock_save_dir(save_dir)
 
     # ---- resume or start: decided before anything is written
     ckpt = None
     if args.resume:
-        ckpt = common.load_checkpoint(last_path)
+        ckpt = checkpoints.load(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
         ckpt["config"].setdefault("val_fraction", 0.0)  # a run begun before validation splits used all images
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
-        common.check_config(config)
-    elif not args.overwrite and (found := previous_run_files(save_dir)):
+        cli.check_config(config)
+    elif not args.overwrite and (found := checkpoints.previous_run_files(save_dir)):
         if last_path.exists():
             raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
                             "--overwrite, or pick another --save-dir")
@@ -520,16 +206,16 @@ def main() -> None:
                         "start over with --overwrite, or pick another --save-dir")
     c = config
     if master:
-        check_writable(save_dir)
+        checkpoints.check_writable(save_dir)
         for stale in save_dir.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
             stale.unlink(missing_ok=True)
         if ckpt is not None:
-            truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
-            if not restore_best(save_dir, ckpt, log):
+            checkpoints.truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
+            if not checkpoints.restore_best(save_dir, ckpt, log):
                 ckpt["best_acc"] = 0.0  # so that the next epoch writes best.pth again
 
     # ---- device, precision, processes
-    device = common.pick_device(c["device"], local_rank)
+    device = devices.pick_device(c["device"], local_rank)
     if distributed:
         if ":" in c["device"]:
             raise UserError(f"--device {c['device']}: under torchrun each process takes the device of its "
@@ -544,18 +230,18 @@ def main() -> None:
             getattr(torch, device.type).set_device(device)
         backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
         dist.init_process_group(backend)
-    common.use_device(device)
+    devices.use_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp, amp_reason = common.amp_choice(device, c["amp"])
+    amp, amp_reason = devices.amp_choice(device, c["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
 
     # ---- data
-    train_data, val_data = common.load_train_val(c, device)
+    train_data, val_data = imagedata.load_train_val(c, device)
     has_val = val_data is not None
-    test_data = common.load_split(c, False, device, classes=train_data.classes)
+    test_data = imagedata.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     if len(classes) < 2:
         raise UserError(f"the training set has only {len(classes)} class ({', '.join(classes)}); "
@@ -564,14 +250,14 @@ def main() -> None:
         shown = lambda names: f"{list(names)[:10]}{' ...' if len(names) > 10 else ''}"  # noqa: E731
         raise UserError(f"{c['data_dir']} has classes {shown(classes)}, but {last_path} was trained on "
                         f"{shown(ckpt['classes'])}: resume with the data the run began with")
-    augment = common.augment_enabled(c)
+    augment = imagedata.augment_enabled(c)
     if len(train_data) < world:
         raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} processes")
-    steps_per_epoch = common.steps_per_epoch(len(train_data), c["batch_size"], world)
+    steps_per_epoch = imagedata.steps_per_epoch(len(train_data), c["batch_size"], world)
 
     # ---- model and optimizer (same seed on every process: identical initial weights)
     torch.manual_seed(c["seed"])
-    model = common.build_model(c, len(classes)).to(device)
+    model = build_model(c, len(classes)).to(device)
     if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on both (measured on CPU)
     optimizer = make_optimizer(model, c, world)
@@ -581,7 +267,7 @@ def main() -> None:
     torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
     aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
     if ckpt is not None:
-        common.load_model_state(model, ckpt["model"], last_path)
+        checkpoints.load_model_state(model, ckpt["model"], last_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
@@ -591,7 +277,7 @@ def main() -> None:
             partial = ckpt["partial"]
         ckpt_world = ckpt.get("world", 1)
         if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
-            moved = restore_random_state(ckpt["rng"][rank], device, aug_gen)
+            moved = devices.restore_random_state(ckpt["rng"][rank], device, aug_gen)
             if moved:
                 log(moved)
                 if start_step and "augmentation" in moved:  # else the epoch's start seeds it
@@ -637,14 +323,14 @@ def main() -> None:
         over all processes). Every process must call this: it gathers their random states."""
         if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
             raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} (the weights are no longer finite)")
-        partial = sum_across(partial, device, distributed)
-        rng = random_state(device, aug_gen)
+        partial = devices.sum_across(partial, device, distributed)
+        rng = devices.random_state(device, aug_gen)
         rngs = [None] * world
         if distributed:
             dist.all_gather_object(rngs, rng)  # each process has its own dropout and augmentation streams
         else:
             rngs = [rng]
-        return {"model": common.model_state(raw_model), "optimizer": optimizer.state_dict(),
+        return {"model": checkpoints.model_state(raw_model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                 "best_acc": best_acc, "config": c, "classes": classes, "world": world, "rng": rngs,
                 "partial": partial}
@@ -693,7 +379,7 @@ def main() -> None:
         if not replace_old:
             return
         if before:
-            replaced = set_aside_old_run(save_dir)
+            replaced = checkpoints.set_aside_old_run(save_dir)
             return
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
@@ -706,7 +392,7 @@ def main() -> None:
     for epoch in range(start_epoch, c["epochs"]):
         t0 = time.perf_counter()
         model.train()
-        indices = common.shard_indices(len(train_data), c["seed"], epoch, rank, world)
+        indices = imagedata.shard_indices(len(train_data), c["seed"], epoch, rank, world)
         if start_step == 0:
             aug_gen.manual_seed(c["seed"] * 1_000_003 + epoch * 1_009 + rank)
             partial = [0.0, 0.0, 0.0]
@@ -717,11 +403,11 @@ def main() -> None:
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         seen = 0
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
-                   disable=not master, dynamic_ncols=True, leave=False, file=QuietStream(sys.stderr))
+                   disable=not master, dynamic_ncols=True, leave=False, file=cli.QuietStream(sys.stderr))
         t_log, seen_log = time.perf_counter(), 0
         step = start_step
         for x, y in batches:
-            with common.autocast(device, amp):
+            with devices.autocast(device, amp):
                 logits = train_model(x)
                 loss = F.cross_entropy(logits, y)
             scaler.scale(loss).backward()
@@ -738,7 +424,7 @@ def main() -> None:
             bar.update()
             if master and epoch == start_epoch and step - start_step in (1, 2):  # step 1 includes warm-up
                 first_steps.append(time.perf_counter())
-                warning = len(first_steps) == 2 and slow_epoch_warning(
+                warning = len(first_steps) == 2 and devices.slow_epoch_warning(
                     device, first_steps[1] - first_steps[0], steps_per_epoch)
                 if warning:
                     bar.write(warning, file=sys.stderr)
@@ -757,7 +443,7 @@ def main() -> None:
                                                  partial[2] + seen])
                 if master:
                     first_save(before=True)
-                    common.save_checkpoint(state, last_path)
+                    checkpoints.save(state, last_path)
                     first_save(before=False)
                 last_save = time.monotonic()
                 if stopping and distributed:
@@ -773,7 +459,7 @@ def main() -> None:
         start_step = 0
 
         # ---- end of epoch: totals over the whole split, test accuracy, checkpoints
-        train_loss, train_correct, train_seen = sum_across(
+        train_loss, train_correct, train_seen = devices.sum_across(
             [partial[0] + float(loss_sum), partial[1] + int(correct), partial[2] + seen], device, distributed)
         if distributed:  # each process's BatchNorm statistics saw only its own batches: take rank 0's, as
             for buf in raw_model.buffers():  # DDP does before each forward, so all evaluate (and save) one model
@@ -795,18 +481,18 @@ def main() -> None:
             first_save(before=True)
             weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
                 "test_acc": test_acc, "val_acc": val_acc if has_val else None}
-            common.save_checkpoint(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
+            checkpoints.save(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
             if is_best:
-                common.save_checkpoint(weights, save_dir / "best.pth")
-            append_metrics(save_dir / "metrics.csv", dict(zip(METRICS_FIELDS, [
+                checkpoints.save(weights, save_dir / "best.pth")
+            checkpoints.append_metrics(save_dir / "metrics.csv", dict(zip(checkpoints.METRICS_FIELDS, [
                 epoch + 1, f"{train_loss / train_seen:.6f}", f"{train_correct / train_seen:.6f}",
                 f"{test_loss:.6f}", f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}",
                 f"{train_seen / seconds:.1f}", f"{val_loss:.6f}" if has_val else "",
                 f"{val_acc:.6f}" if has_val else ""])))
-            common.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
-            common.save_checkpoint(state, last_path)
+            plots.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
+            checkpoints.save(state, last_path)
             first_save(before=False)
-            rotate(save_dir, c["keep"])
+            checkpoints.rotate(save_dir, c["keep"])
             last_save = time.monotonic()
         log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
             f"{train_correct / train_seen:.2%} | "
@@ -825,21 +511,21 @@ current_run = {}  # what main() runs, once known: config, device, amp, classes
 
 def run() -> None:
     try:
-        common.run_main(main)
+        cli.run_main(main)
     except Diverged as e:
         print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint is kept "
               "(try a lower --lr, or --amp off)", file=sys.stderr)
         sys.exit(3)
     except Exception as e:
-        if not common.is_out_of_memory(e):
+        if not devices.is_out_of_memory(e):
             raise
-        print(f"train.py: error: {out_of_memory_message(e, current_run)}", file=sys.stderr)
+        print(f"train.py: error: {devices.out_of_memory_message(e, current_run)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
         sys.exit(130)
     finally:
-        unlock_save_dir()  # for callers that run main() again in the same process (the tests)
+        checkpoints.unlock_save_dir()  # for callers that run main() again in the same process (the tests)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: runs in seconds, no training run (python -m pytest -m quick tests)")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -124,3 +129,16 @@ def run_script(script: str, *args, env=None, timeout=600, check=False) -> subpro
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_train_in_process(monkeypatch, *args):
+    """train.run() as `python train.py ARGS` runs it, in this process; returns what it returns (the final
+    training state and the last epoch's results). Its signal handlers are undone after."""
+    import train
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
+    try:
+        return train.run()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import imagedata
+import net
 import train
 from conftest import ROOT, TINY, load, make_folder, make_mnist, run_script, weight_differences
 
@@ -28,12 +29,14 @@ N_TRAIN, N_TEST = 257, 101
 # tests/test_validation.py).
 RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
        "--val-fraction", "0"]
+# The repo's own source files: a traceback through any of them means a user saw more than one line.
+OURS = sorted(p.name for p in ROOT.glob("*.py"))
 
 LAUNCHER = """
 import json, os, sys
 import torch
 sys.path.insert(0, {root!r})
-import common, train
+import imagedata, train
 
 rank, out = os.environ["RANK"], {out!r}
 shards, batches, final = [], [], {{}}
@@ -81,8 +84,8 @@ def evaluate(model, *args, **kwargs):
     final["model"], final["result"] = model, result
     return result
 
-real_shard, real_split, real_evaluate = common.shard_indices, common.split_batches, train.evaluate
-common.shard_indices, common.split_batches, train.evaluate = shard_indices, split_batches, evaluate
+real_shard, real_split, real_evaluate = imagedata.shard_indices, imagedata.split_batches, train.evaluate
+imagedata.shard_indices, imagedata.split_batches, train.evaluate = shard_indices, split_batches, evaluate
 sys.argv = ["train.py", *sys.argv[1:]]
 train.run()
 torch.save({{k: v.clone() for k, v in final["model"].state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
@@ -124,7 +127,7 @@ def test_both_processes_end_with_identical_weights(ddp_run):
     tmp, _, _, _ = ddp_run
     w0, w1 = load(tmp / "weights0.pt"), load(tmp / "weights1.pt")
     assert not weight_differences(w0, w1)  # parameters and BatchNorm statistics
-    initial = common.build_model(load(tmp / "save" / "last.pth")["config"], 10).state_dict()
+    initial = net.build_model(load(tmp / "save" / "last.pth")["config"], 10).state_dict()
     assert weight_differences(w0, initial)  # they trained
 
 
@@ -145,15 +148,16 @@ def test_shards_are_disjoint_cover_the_split_and_change_every_epoch(ddp_run):
 
 
 @pytest.mark.parametrize("n, world", [(257, 2), (100, 3), (7, 3), (64, 2)])
+@pytest.mark.quick
 def test_shards_and_steps_for_several_sizes(n, world):
-    steps = common.steps_per_epoch(n, 32, world)
-    shards = [common.shard_indices(n, 0, 5, r, world) for r in range(world)]
+    steps = imagedata.steps_per_epoch(n, 32, world)
+    shards = [imagedata.shard_indices(n, 0, 5, r, world) for r in range(world)]
     assert sorted(torch.cat(shards).tolist()) == list(range(n))
     for shard in shards:
-        parts = common.split_batches(shard, 32, steps)
+        parts = imagedata.split_batches(shard, 32, steps)
         assert len(parts) == steps and all(len(p) > 0 for p in parts)
         assert torch.equal(torch.cat(parts), shard)
-    assert not torch.equal(shards[0], common.shard_indices(n, 0, 6, 0, world))
+    assert not torch.equal(shards[0], imagedata.shard_indices(n, 0, 6, 0, world))
 
 
 def test_only_rank_0_reports_and_the_reduced_test_accuracy_covers_the_split_once(ddp_run):
@@ -171,9 +175,9 @@ def test_only_rank_0_reports_and_the_reduced_test_accuracy_covers_the_split_once
     assert ckpt["world"] == 2 and ckpt["epoch"] == 2
     assert not weight_differences(ckpt["model"], load(tmp / "weights0.pt"))
     c = dict(ckpt["config"], data_dir=str(data))
-    model = common.build_model(c, 10)
+    model = net.build_model(c, 10)
     model.load_state_dict(ckpt["model"])
-    test_data = common.load_split(c, False, torch.device("cpu"))
+    test_data = imagedata.load_split(c, False, torch.device("cpu"))
     loss, acc = train.evaluate(model, test_data, 64, torch.device("cpu"), None)
     assert acc == r0[1]  # correct / N_TEST: the same count of correct images
     assert loss == pytest.approx(r0[0], rel=1e-5)
@@ -209,7 +213,7 @@ def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_ru
     assert "had 2 process(es) and now has 1: the schedule is rescaled" in proc.stdout
     ckpt = load(single / "last.pth")
     assert ckpt["epoch"] == 2 and ckpt["world"] == 1
-    assert ckpt["scheduler"]["last_epoch"] == 2 * common.steps_per_epoch(N_TRAIN, 32)
+    assert ckpt["scheduler"]["last_epoch"] == 2 * imagedata.steps_per_epoch(N_TRAIN, 32)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5 ** 2)  # after its last step
     assert len((single / "metrics.csv").read_text().splitlines()) == 3
 
@@ -224,7 +228,7 @@ def test_inconsistent_launches_are_one_line_errors(tmp_path):
                     record=False)
     assert proc.returncode != 0
     assert "train.py: error: --device cpu:0: under torchrun each process takes the device of its LOCAL_RANK" in proc.stderr
-    for ours in ("train.py", "common.py"):  # torchrun reports the failure its way; ours is the one line
+    for ours in OURS:  # torchrun reports the failure its way; ours is the one line
         assert f'File "{ROOT / ours}"' not in proc.stderr
 
 
@@ -274,7 +278,7 @@ def test_a_non_finite_loss_on_one_process_stops_all_of_them(tmp_path):
     assert proc.returncode != 0
     line = "train.py: error: the loss became NaN or infinite at epoch 1, step 4; the last good checkpoint is kept"
     assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
-    for ours in ("train.py", "common.py"):
+    for ours in OURS:
         assert f'File "{ROOT / ours}"' not in proc.stderr
 
 
@@ -303,7 +307,7 @@ def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exa
     # This small folder would be kept in memory: a memory share of 0 sends it through DataLoader workers.
     script = tmp_path / "dataloader_path.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'train.py'\n"
-                      "import common, train; common.FOLDER_MEMORY_SHARE = 0.0; train.run()\n")
+                      "import imagedata, train; imagedata.FOLDER_MEMORY_SHARE = 0.0; train.run()\n")
     ok(torchrun(tmp_path, *run, "--save-dir", tmp_path / "straight", script=script))
 
     save = tmp_path / "stopped"
@@ -322,7 +326,7 @@ def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exa
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert "stopped by SIGTERM at epoch 2, step" in err, err[-3000:]
-    for ours in ("train.py", "common.py"):
+    for ours in OURS:
         assert f'File "{ROOT / ours}"' not in err
     stopped = load(save / "last.pth")
     assert stopped["epoch"] == 1 and 0 < stopped["step"] < 6, (stopped["epoch"], stopped["step"])

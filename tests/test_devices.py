@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import common
+import cli
+import devices
+import imagedata
 import net
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, run_train_in_process
 
 CPU = torch.device("cpu")
 
@@ -21,25 +23,27 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
                                                   ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.quick
 def test_auto_precision_follows_the_compute_capability(capability, expected, monkeypatch):
     """A T4 (7.5) or V100 (7.0) answers is_bf16_supported() with True (emulated), yet bf16 is slow there."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    dtype, reason = common.amp_choice(torch.device("cuda", 0), "auto")
+    dtype, reason = devices.amp_choice(torch.device("cuda", 0), "auto")
     assert dtype == expected
     assert f"compute capability {capability[0]}.{capability[1]}" in reason
 
 
 @pytest.mark.parametrize("amx, expected", [(False, None), (True, torch.bfloat16)])
+@pytest.mark.quick
 def test_auto_precision_on_a_cpu_needs_amx(amx, expected, monkeypatch):
     """AVX512-BF16 without AMX trains slower in bf16 than in fp32 (measured on this project's Xeon VM)."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    dtype, reason = common.amp_choice(CPU, "auto")
+    dtype, reason = devices.amp_choice(CPU, "auto")
     assert dtype == expected
     assert reason == ("auto: this CPU has AMX" if amx else "auto: this CPU has no AMX")
-    assert common.amp_choice(CPU, "bf16") == (torch.bfloat16, "--amp bf16")
-    assert common.amp_choice(CPU, "off") == (None, "--amp off")
+    assert devices.amp_choice(CPU, "bf16") == (torch.bfloat16, "--amp bf16")
+    assert devices.amp_choice(CPU, "off") == (None, "--amp off")
 
 
 # ------------------------------------------------------------------------- what a training run dispatches
@@ -57,17 +61,6 @@ class OpAudit(TorchDispatchMode):
         dtypes = {t.dtype for t in flat if isinstance(t, torch.Tensor)}
         self.ops.setdefault(func.overloadpacket.__name__, set()).update(dtypes)
         return out
-
-
-def run_train_in_process(monkeypatch, *args) -> None:
-    """train.run() as `python train.py ARGS` runs it, in this process; its signal handlers are undone after."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
-    try:
-        train.run()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +87,7 @@ def test_a_training_run_resizes_without_antialias(audited_run):
     assert not [op for op in audited_run if "_aa" in op]
 
 
+@pytest.mark.quick
 def test_the_resize_without_antialias_is_the_same_when_upsampling():
     x = torch.rand(4, 3, 28, 28)
     for size in (32, 64, 224):
@@ -118,6 +112,7 @@ class DivisiblePoolOnly(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.quick
 def test_mps_pool_rule_is_pytorchs():
     assert [s for s in range(1, 15) if net.pool_supported(s)] == [1, 7, 14]
 
@@ -142,6 +137,7 @@ def test_every_image_size_trains_where_the_pool_must_divide(image_size, monkeypa
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
+@pytest.mark.quick
 def test_the_stand_in_rejects_what_mps_rejects():
     with DivisiblePoolOnly(), pytest.raises(RuntimeError, match="divisible"):
         F.adaptive_avg_pool2d(torch.randn(1, 2, 4, 4), 7)
@@ -160,14 +156,14 @@ def two_fake_gpus(monkeypatch):
     return calls
 
 
-class Reached(common.UserError):
+class Reached(cli.UserError):
     pass
 
 
 def test_train_makes_the_chosen_gpu_current(two_fake_gpus, monkeypatch, tmp_path, capsys):
     def stop(*args, **kwargs):
         raise Reached("the data is loaded after the device is set up")
-    monkeypatch.setattr(common, "load_split", stop)
+    monkeypatch.setattr(imagedata, "load_split", stop)
     with pytest.raises(SystemExit):
         run_train_in_process(monkeypatch, *TINY, "--device", "cuda:1", "--save-dir", tmp_path)
     assert "the data is loaded after the device is set up" in capsys.readouterr().err
@@ -182,11 +178,12 @@ def test_bench_makes_the_chosen_gpu_current(two_fake_gpus, monkeypatch, capsys):
     monkeypatch.setattr(bench, "resolve_dataset", stop)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda:1"])
     with pytest.raises(SystemExit):
-        common.run_main(bench.main)
+        cli.run_main(bench.main)
     assert "the data is read after the device is set up" in capsys.readouterr().err
     assert two_fake_gpus == [torch.device("cuda", 1)]
 
 
+@pytest.mark.quick
 def test_requirements_ask_for_the_torch_whose_apis_are_used():
     """torch.amp.GradScaler(device) and torch.get_default_device appeared in torch 2.3 (torchvision 0.18)."""
     lines = (ROOT / "requirements.txt").read_text().splitlines()
@@ -265,6 +262,7 @@ def test_a_gpu_run_resumes_on_the_cpu_in_fp16(stored, fp32_runs, tmp_path):
     assert resumed["rng"][0]["aug_device"] == "cpu" and resumed["rng"][0]["device"] == "cpu"
 
 
+@pytest.mark.quick
 def test_the_device_stream_that_dropout_uses_is_saved_and_restored(monkeypatch):
     """Dropout on CUDA draws from the GPU's generator: it is saved with the device type, and restored on
     the same kind of device only (CUDA's functions stand in for a GPU here)."""
@@ -272,13 +270,13 @@ def test_the_device_stream_that_dropout_uses_is_saved_and_restored(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpu_state["now"].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": gpu_state.update(now=s.clone()))
     gpu, aug = torch.device("cuda", 0), torch.Generator()
-    state = train.random_state(gpu, aug)
+    state = devices.random_state(gpu, aug)
     assert state["device"] == "cuda" and torch.equal(state["device_rng"], gpu_state["now"])
     gpu_state["now"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the run drew more numbers
-    assert train.restore_random_state(state, gpu, aug) is None
+    assert devices.restore_random_state(state, gpu, aug) is None
     assert gpu_state["now"].tolist() == [1, 2, 3]
-    on_cpu = train.random_state(CPU, aug)
-    message = train.restore_random_state(on_cpu, gpu, aug)
+    on_cpu = devices.random_state(CPU, aug)
+    message = devices.restore_random_state(on_cpu, gpu, aug)
     assert message == "resume: the run continues on cuda: the dropout (saved on cpu) random streams start afresh"
     assert gpu_state["now"].tolist() == [1, 2, 3]  # left as seeded, not overwritten with a CPU state
 
@@ -311,38 +309,40 @@ def test_out_of_memory_is_one_line_with_a_batch_size_that_fits(error, monkeypatc
     assert "Traceback" not in err
 
 
+@pytest.mark.quick
 def test_the_batch_that_fits_comes_from_the_estimate():
     c = {"depth": 16, "batch_norm": True, "dropout": 0.5, "width_div": 1, "image_size": 224, "optimizer": "sgd"}
-    fixed32, per_image32 = common.memory_estimate(c, 10, None)
-    fixed16, per_image16 = common.memory_estimate(c, 10, torch.bfloat16)
+    fixed32, per_image32 = devices.memory_estimate(c, 10, None)
+    fixed16, per_image16 = devices.memory_estimate(c, 10, torch.bfloat16)
     assert 1.4 * 2**30 < fixed32 < 1.6 * 2**30  # 138M fp32 weights, gradients and momentum
     assert 1.8 < per_image32 / per_image16 < 2.1  # bf16 activations are half the size
     gib16 = 16 * 2**30
-    fits = common.batch_that_fits(128, gib16, fixed32, per_image32)
+    fits = devices.batch_that_fits(128, gib16, fixed32, per_image32)
     assert 0 < fits < 128 and fixed32 + fits * per_image32 <= 0.9 * gib16 < fixed32 + (fits + 1) * per_image32
-    assert common.batch_that_fits(128, 2**50, fixed32, per_image32) == 64  # the estimate is wrong: halve
-    assert common.batch_that_fits(128, 2**30, fixed32, per_image32) == 0
-    assert common.is_out_of_memory(RuntimeError("MPS backend out of memory")) and \
-        not common.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert devices.batch_that_fits(128, 2**50, fixed32, per_image32) == 64  # the estimate is wrong: halve
+    assert devices.batch_that_fits(128, 2**30, fixed32, per_image32) == 0
+    assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory")) and \
+        not devices.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_a_slow_cpu_epoch_is_announced_with_the_cpu_recipe(monkeypatch, tmp_path, capsys):
-    assert train.slow_epoch_warning(CPU, 110.0, 469) == (
+    assert devices.slow_epoch_warning(CPU, 110.0, 469) == (
         "warning: at 110.0 s a step, an epoch of 469 steps takes about 14.3 hours on this CPU; a run of minutes: "
         "python train.py --image-size 32 --width-div 4 --epochs 1")
-    assert train.slow_epoch_warning(CPU, 1.0, 469) is None
-    assert train.slow_epoch_warning(torch.device("cuda"), 110.0, 469) is None
+    assert devices.slow_epoch_warning(CPU, 1.0, 469) is None
+    assert devices.slow_epoch_warning(torch.device("cuda"), 110.0, 469) is None
     # In a run: every CPU epoch is "slow" when the limit is 0 s; the line comes after the second step.
     from conftest import make_mnist
     data = make_mnist(tmp_path / "data", n_train=96, n_test=8)
-    real = train.slow_epoch_warning
-    monkeypatch.setattr(train, "slow_epoch_warning", lambda *a: real(*a, limit_seconds=0))
+    real = devices.slow_epoch_warning
+    monkeypatch.setattr(devices, "slow_epoch_warning", lambda *a: real(*a, limit_seconds=0))
     run_train_in_process(monkeypatch, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save")
     err = capsys.readouterr().err
     assert err.count("an epoch of 3 steps takes about") == 1
     assert "a run of minutes: python train.py --image-size 32 --width-div 4 --epochs 1" in err
 
 
+@pytest.mark.quick
 def test_signals_are_kept_for_the_save_and_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -1,4 +1,4 @@
-"""The device-side data pipeline (common.DeviceImages) against torchvision's transforms, its augmentation,
+"""The device-side data pipeline (imagedata.DeviceImages) against torchvision's transforms, its augmentation,
 the DataLoader path of the folder dataset, and mixed-precision training, on small datasets written in
 MNIST's and CIFAR-10's real on-disk formats and as image files."""
 
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
-import common
+import devices
+import imagedata
 from conftest import REAL_DATA, make_cifar, make_folder, make_mnist
 from net import vgg
 
@@ -23,7 +24,7 @@ def config(dataset: str, root, image_size: int) -> dict:
 
 def reference(dataset: str, root, image_size: int) -> torch.Tensor:
     """The first N training images through torchvision's own dataset class and PIL transforms."""
-    mean, std = common.STATS[dataset]
+    mean, std = imagedata.DATASETS[dataset].stats
     steps = [transforms.Resize((image_size, image_size))]
     if dataset == "mnist":
         steps.append(transforms.Grayscale(num_output_channels=3))
@@ -45,32 +46,32 @@ def tolerance(dataset: str, image_size: int, stored: int) -> float:
     (measured: max 1.0 level, mean 0.3), so 1% is added for PIL's fixed-point weights."""
     if image_size == stored:
         return 1e-5
-    return 1.01 / 255 / min(common.STATS[dataset][1])
+    return 1.01 / 255 / min(imagedata.DATASETS[dataset].stats[1])
 
 
 @pytest.mark.parametrize("image_size", [32, 64, 224])
 def test_mnist_matches_torchvision_transforms(tmp_path, image_size):
     root = make_mnist(tmp_path / "data", n_train=N, n_test=8)
-    data = common.load_split(config("mnist", root, image_size), True, CPU)
+    data = imagedata.load_split(config("mnist", root, image_size), True, CPU)
     ours = data.preprocess(data.images[:N])
     theirs = reference("mnist", root, image_size)
     assert ours.shape == theirs.shape == (N, 3, image_size, image_size)
     assert ours.is_contiguous(memory_format=torch.channels_last)
     diff = (ours - theirs).abs()
     assert diff.max() <= tolerance("mnist", image_size, 28), diff.max()
-    assert diff.mean() < 0.5 / 255 / common.STATS["mnist"][1][0]  # most pixels agree to within rounding
+    assert diff.mean() < 0.5 / 255 / imagedata.DATASETS["mnist"].stats[1][0]  # most pixels agree to within rounding
 
 
 @pytest.mark.parametrize("image_size", [32, 64, 224])
 def test_cifar_matches_torchvision_transforms(tmp_path, cifar_ok, image_size):
     root = make_cifar(tmp_path / "data", n_per_batch=N, n_test=8)
-    data = common.load_split(config("cifar10", root, image_size), True, CPU)
+    data = imagedata.load_split(config("cifar10", root, image_size), True, CPU)
     ours = data.preprocess(data.images[:N])
     theirs = reference("cifar10", root, image_size)
     assert ours.shape == theirs.shape == (N, 3, image_size, image_size)
     diff = (ours - theirs).abs()
     assert diff.max() <= tolerance("cifar10", image_size, 32), diff.max()
-    assert diff.mean() < 0.5 / 255 / min(common.STATS["cifar10"][1])
+    assert diff.mean() < 0.5 / 255 / min(imagedata.DATASETS["cifar10"].stats[1])
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -93,12 +94,13 @@ def known_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return image, image.float() / 255
 
 
-def device_images(images: torch.Tensor, image_size: int = 32) -> common.DeviceImages:
-    mean, std = common.STATS["cifar10"]
-    return common.DeviceImages(images, torch.zeros(len(images), dtype=torch.long), ["x"], mean, std,
+def device_images(images: torch.Tensor, image_size: int = 32) -> imagedata.DeviceImages:
+    mean, std = imagedata.DATASETS["cifar10"].stats
+    return imagedata.DeviceImages(images, torch.zeros(len(images), dtype=torch.long), ["x"], mean, std,
                                image_size, CPU)
 
 
+@pytest.mark.quick
 def test_augmentation_is_a_flipped_shifted_crop_of_the_padded_image():
     images, unit = known_images(64)
     data = device_images(images)
@@ -119,12 +121,13 @@ def test_augmentation_is_a_flipped_shifted_crop_of_the_padded_image():
     assert not torch.equal(out, plain)
 
 
+@pytest.mark.quick
 def test_flip_and_shift_move_a_known_pixel():
     """One bright pixel at (row 10, col 5) of a dark 32x32 image: after a crop at offset (dy, dx) of the
     4-pixel padded image it is at (10 + 4 - dy, 5 + 4 - dx), and a flip mirrors the column."""
     images = torch.zeros(256, 1, 32, 32, dtype=torch.uint8)
     images[:, 0, 10, 5] = 255
-    data = common.DeviceImages(images, torch.zeros(256, dtype=torch.long), ["x"], (0.0,), (1.0,), 32, CPU)
+    data = imagedata.DeviceImages(images, torch.zeros(256, dtype=torch.long), ["x"], (0.0,), (1.0,), 32, CPU)
     out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(1))
     assert out.shape == (256, 3, 32, 32)
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])
@@ -146,7 +149,7 @@ def test_digits_are_shifted_but_never_mirrored(tmp_path):
     CIFAR-10 is still flipped."""
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
     c = {"dataset": "mnist", "data_dir": str(root), "image_size": 32}
-    data = common.load_split(c, True, CPU)
+    data = imagedata.load_split(c, True, CPU)
     assert not data.flip
     images = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
     images[:, 0, 10, 5] = 255
@@ -159,7 +162,7 @@ def test_digits_are_shifted_but_never_mirrored(tmp_path):
 
 def test_augmentation_repeats_with_the_same_seed(tmp_path):
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
-    data = common.load_split(config("mnist", root, 32), True, CPU)
+    data = imagedata.load_split(config("mnist", root, 32), True, CPU)
     x = data.images[:32]
 
     def batch(seed):
@@ -172,7 +175,7 @@ def test_augmentation_repeats_with_the_same_seed(tmp_path):
     assert not torch.equal(a, c)
     assert not torch.equal(a, plain)
     # Through .batches too: same seed, same batches (the shuffle comes from shard_indices).
-    idx = common.shard_indices(len(data), seed=0, epoch=0)
+    idx = imagedata.shard_indices(len(data), seed=0, epoch=0)
     first = [xb for xb, _ in data.batches(idx, 16, augment=True, generator=torch.Generator().manual_seed(3))]
     again = [xb for xb, _ in data.batches(idx, 16, augment=True, generator=torch.Generator().manual_seed(3))]
     assert all(torch.equal(p, q) for p, q in zip(first, again))
@@ -183,7 +186,7 @@ def test_augmentation_repeats_with_the_same_seed(tmp_path):
 def test_bf16_autocast_training_lowers_the_loss(tmp_path):
     """A 1/16-width VGG16 trained for a few dozen steps under CPU bf16 autocast, as train.py does."""
     root = make_mnist(tmp_path / "data", n_train=256, n_test=8)
-    data = common.load_split(config("mnist", root, 32), True, CPU)
+    data = imagedata.load_split(config("mnist", root, 32), True, CPU)
     torch.manual_seed(0)
     model = vgg(16, 10, batch_norm=True, width_div=16).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -192,7 +195,7 @@ def test_bf16_autocast_training_lowers_the_loss(tmp_path):
 
     def fixed_loss():
         model.eval()
-        with torch.inference_mode(), common.autocast(CPU, amp):
+        with torch.inference_mode(), devices.autocast(CPU, amp):
             loss = F.cross_entropy(model(fixed_x).float(), fixed_y)
         model.train()
         return loss.item()
@@ -200,8 +203,8 @@ def test_bf16_autocast_training_lowers_the_loss(tmp_path):
     before = fixed_loss()
     losses, eval_losses = [], []
     for epoch in range(6):  # 6 epochs of 8 steps
-        for x, y in data.batches(common.shard_indices(len(data), 0, epoch), 32):
-            with common.autocast(CPU, amp):
+        for x, y in data.batches(imagedata.shard_indices(len(data), 0, epoch), 32):
+            with devices.autocast(CPU, amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             assert logits.dtype == torch.bfloat16  # autocast really ran the network in bf16
@@ -223,10 +226,10 @@ def test_folder_batches_follow_the_indices_and_the_step_count(tmp_path, workers)
     """The folder dataset goes through a DataLoader: its batches must hold exactly the images asked for,
     in order, cut as split_batches cuts them (what train.py relies on for shards and resume)."""
     root = make_folder(tmp_path, n_train=13, n_test=3)
-    mean, std = common.STATS["folder"]
-    data = common.FolderImages(root / "train", None, mean, std, 32, CPU, workers)
+    mean, std = imagedata.DATASETS["folder"].stats
+    data = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, workers)
     assert data.classes == ["cat", "dog", "ship"] and len(data) == 13
-    indices = common.shard_indices(len(data), seed=0, epoch=1)
+    indices = imagedata.shard_indices(len(data), seed=0, epoch=1)
     got = list(data.batches(indices, 4, steps=3))
     assert [len(y) for _, y in got] == [4, 4, 5]  # the 13th image joins the last batch
     assert torch.equal(torch.cat([y for _, y in got]), data.labels[indices])
@@ -253,13 +256,13 @@ def both_paths(root, monkeypatch, capsys, image_size: int = 32):
     """A folder's test split in memory (DeviceImages) and through the DataLoader (FolderImages, forced by
     a memory share of 0), with what each printed about the path it took."""
     c = folder_config(root, image_size)
-    memory = common.load_split(c, False, CPU)
+    memory = imagedata.load_split(c, False, CPU)
     said_memory = capsys.readouterr().out
-    monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", 0.0)
-    loader = common.load_split(c, False, CPU)
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
+    loader = imagedata.load_split(c, False, CPU)
     said_loader = capsys.readouterr().out
-    assert isinstance(memory, common.DeviceImages) and "decoded into cpu memory" in said_memory
-    assert isinstance(loader, common.FolderImages) and "DataLoader workers every epoch" in said_loader
+    assert isinstance(memory, imagedata.DeviceImages) and "decoded into cpu memory" in said_memory
+    assert isinstance(loader, imagedata.FolderImages) and "DataLoader workers every epoch" in said_loader
     return memory, loader
 
 
@@ -302,9 +305,9 @@ def test_one_shared_size_is_kept_and_resized_on_the_device(tmp_path, monkeypatch
     The crop padding is 1/8 of the stored side, as the DataLoader path pads 1/8 of image_size. A shared
     size above the input (48 px) is resized on decoding: the device never shrinks (it has no antialias)."""
     rng = np.random.default_rng(2)
-    share = common.FOLDER_MEMORY_SHARE
+    share = imagedata.FOLDER_MEMORY_SHARE
     for side, stored in ((24, 24), (48, 32)):
-        monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", share)  # both_paths sets it to 0
+        monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", share)  # both_paths sets it to 0
         folder = tmp_path / str(side)
         write_images(folder / "test", {f"{k}/{i}.png": ("RGB", rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
                                        for k in ("a", "b") for i in range(4)})
@@ -313,7 +316,7 @@ def test_one_shared_size_is_kept_and_resized_on_the_device(tmp_path, monkeypatch
         xm, _ = eval_batches(memory)
         xl, _ = eval_batches(loader)
         assert xm.shape == xl.shape == (8, 3, 32, 32)
-        assert (xm - xl).abs().max() <= 1.01 / 255 / min(common.STATS["folder"][1])
+        assert (xm - xl).abs().max() <= 1.01 / 255 / min(imagedata.DATASETS["folder"].stats[1])
 
 
 @pytest.mark.skipif(not (REAL_DATA / "cifar10-jpeg" / "train").is_dir(),
@@ -340,7 +343,7 @@ def test_decoding_in_worker_processes_gives_the_same_split(tmp_path, capsys):
     write_images(tmp_path / "test", {f"{'ab'[i % 2]}/{i:03d}.png": ("RGB", rng.integers(0, 256, (8, 8, 3),
                                                                                       dtype=np.uint8))
                                      for i in range(600)})
-    serial = common.load_split(folder_config(tmp_path), False, CPU)
-    pooled = common.load_split(folder_config(tmp_path, workers=2), False, CPU)
+    serial = imagedata.load_split(folder_config(tmp_path), False, CPU)
+    pooled = imagedata.load_split(folder_config(tmp_path, workers=2), False, CPU)
     assert serial.images.shape == (600, 3, 8, 8) and serial.pad == 1
     assert torch.equal(serial.images, pooled.images) and torch.equal(serial.labels, pooled.labels)

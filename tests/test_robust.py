@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import checkpoints
+import cli
+import imagedata
+import net
 import train
 from conftest import ROOT, TINY, load, make_folder, make_mnist, run_script, weight_differences
 
@@ -154,7 +157,7 @@ def test_kill_9_at_several_moments_then_resume_is_exact(data, straight, tmp_path
         assert proc.returncode == -signal.SIGKILL, name
         if name == "during a save":
             caught_in_save = any(tmp_path.glob(".last.pth.tmp*"))  # a temporary file that never became last.pth
-        ckpt = common.load_checkpoint(tmp_path / "last.pth")  # never half-written
+        ckpt = checkpoints.load(tmp_path / "last.pth")  # never half-written
         assert "optimizer" in ckpt, name
     assert caught_in_save, "no kill landed during a save in 5 tries"
 
@@ -232,7 +235,7 @@ def test_script():
     spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return lambda: common.run_main(module.main)
+    return lambda: cli.run_main(module.main)
 
 
 def crafted_pickle(path: Path, marker: Path, torch_format: bool) -> None:
@@ -328,13 +331,13 @@ def _foreign_torch_file(path: Path, good: Path, tmp: Path):
 
 def _other_architecture(path: Path, good: Path, tmp: Path):
     ckpt = load(good)  # the config says width/16, the weights are those of a width/8 network
-    ckpt["model"] = common.build_model(dict(ckpt["config"], width_div=8), 10).state_dict()
+    ckpt["model"] = net.build_model(dict(ckpt["config"], width_div=8), 10).state_dict()
     torch.save(ckpt, path)
 
 
 def _other_class_count(path: Path, good: Path, tmp: Path):
     ckpt = load(good)  # e.g. a 5-class folder-dataset run, resumed or tested on 10 classes
-    ckpt["model"] = common.build_model(ckpt["config"], 5).state_dict()
+    ckpt["model"] = net.build_model(ckpt["config"], 5).state_dict()
     torch.save(ckpt, path)
 
 
@@ -418,8 +421,8 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(saved, monkeypatch
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", half_then_full)
-    with pytest.raises(common.UserError, match="the disk is full; the previous checkpoint is unchanged"):
-        common.save_checkpoint({"model": {}}, path)
+    with pytest.raises(cli.UserError, match="the disk is full; the previous checkpoint is unchanged"):
+        checkpoints.save({"model": {}}, path)
     assert path.read_bytes() == before
     assert not list(saved.glob(".*tmp*"))
 
@@ -544,14 +547,15 @@ def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, caps
     assert warning.startswith("warning: ") and "metrics.csv.damaged" in warning
     assert (saved / "metrics.csv.damaged").read_bytes() == damaged
     # New rows are written under the right header, never appended to the damaged file.
-    train.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
+    checkpoints.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
     assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
 
 
+@pytest.mark.quick
 def test_metrics_with_another_header_is_set_aside_when_appending(tmp_path, capsys):
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,test_acc,note\n1,0.4,x\n")
-    train.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
+    checkpoints.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
     assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
     assert (tmp_path / "metrics.csv.damaged").read_text() == "epoch,test_acc,note\n1,0.4,x\n"
     assert "metrics.csv.damaged" in one_line(capsys.readouterr().err)
@@ -621,10 +625,10 @@ def test_many_classes_print_the_most_confused_pairs_and_draw_a_picture_that_fits
     for i, name in enumerate(classes):
         (tmp_path / "data" / "test" / name).mkdir(parents=True)
         Image.new("RGB", (8, 8), (i % 256, i // 4 % 256, 0)).save(tmp_path / "data" / "test" / name / "0.png")
-    config = {k.lower(): v for k, v in train.hyperparameters().items()}
+    config = {k.lower(): v for k, v in train.DEFAULTS.items()}
     config.update(dataset="folder", image_size=32, width_div=16, workers=0, data_dir=str(tmp_path / "data"))
     torch.manual_seed(0)
-    model = common.build_model(config, len(classes))
+    model = net.build_model(config, len(classes))
     torch.save({"model": model.state_dict(), "config": config, "classes": classes, "epoch": 1,
                 "best_acc": 0.0}, tmp_path / "big.pth")
     real_savefig = Figure.savefig
@@ -815,7 +819,7 @@ def bad_folder(tmp_path):
 def test_unreadable_images_are_one_line_before_training(bad_folder, tmp_path, path, monkeypatch, capsys):
     root, names = bad_folder
     if path == "dataloader":
-        monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", 0.0)
+        monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
     save = tmp_path / "save"
     code, err = call(train.run, "train.py", [*TINY, "--dataset", "folder", "--data-dir", root, "--save-dir", save],
                      capsys)
@@ -824,7 +828,7 @@ def test_unreadable_images_are_one_line_before_training(bad_folder, tmp_path, pa
     assert all(f"cat/{name} (" in line for name in names), line
     assert "--skip-bad-images" in line and not list(save.glob("*"))
     # Only the first few are named, the rest counted.
-    monkeypatch.setattr(common, "BAD_FILES_SHOWN", 2)
+    monkeypatch.setattr(imagedata, "BAD_FILES_SHOWN", 2)
     code, err = call(train.run, "train.py", [*TINY, "--dataset", "folder", "--data-dir", root, "--save-dir", save],
                      capsys)
     assert code == 2 and "cat/dangling.png (" in one_line(err) and "; and 3 more (fix" in one_line(err)
@@ -834,15 +838,15 @@ def test_skip_bad_images_leaves_them_out_with_one_line(bad_folder, tmp_path, mon
     root, _ = bad_folder
     c = {"dataset": "folder", "data_dir": str(root), "image_size": 32, "workers": 0, "skip_bad_images": True}
     for share in (0.25, 0.0):
-        monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", share)
-        data = common.load_split(c, True, torch.device("cpu"))
+        monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", share)
+        data = imagedata.load_split(c, True, torch.device("cpu"))
         err = capsys.readouterr().err
-        assert isinstance(data, common.DeviceImages if share else common.FolderImages)
+        assert isinstance(data, imagedata.DeviceImages if share else imagedata.FolderImages)
         assert len(data) == len(data.labels) == 12 and data.labels.tolist().count(0) == 4  # 4 good cats
         assert one_line(err).startswith("skipping 5 unreadable image file(s) under")
         x, _ = next(data.batches(torch.arange(12), 12))
         assert x.shape == (12, 3, 32, 32)
-    monkeypatch.setattr(common, "FOLDER_MEMORY_SHARE", 0.25)
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.25)
     code, err = call(train.run, "train.py", [*TINY, "--dataset", "folder", "--skip-bad-images", "--data-dir", root,
                                              "--save-dir", tmp_path / "save"], capsys)
     assert code == 0 and err.count("unreadable") == 1 and "Traceback" not in err
@@ -854,7 +858,7 @@ def test_only_rank_0_reports_unreadable_images(bad_folder, monkeypatch, capsys):
     c = {"dataset": "folder", "data_dir": str(root), "image_size": 32, "workers": 0}
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as e:
-        common.load_split(c, True, torch.device("cpu"))
+        imagedata.load_split(c, True, torch.device("cpu"))
     assert e.value.code == 2
     out, err = capsys.readouterr()
     assert out == err == ""
@@ -863,10 +867,10 @@ def test_only_rank_0_reports_unreadable_images(bad_folder, monkeypatch, capsys):
 def test_test_script_checks_a_folder_test_split(tmp_path, test_script, monkeypatch, capsys):
     root = make_folder(tmp_path / "data", n_train=6, n_test=9)
     write_bad_images(root / "test" / "dog")
-    c = {k.lower(): v for k, v in train.hyperparameters().items()} | {
+    c = {k.lower(): v for k, v in train.DEFAULTS.items()} | {
         "dataset": "folder", "data_dir": str(root), "image_size": 32, "width_div": 16, "workers": 0}
-    model = common.build_model(c, 3)
-    common.save_checkpoint({"model": model.state_dict(), "config": c, "classes": ["cat", "dog", "ship"],
+    model = net.build_model(c, 3)
+    checkpoints.save({"model": model.state_dict(), "config": c, "classes": ["cat", "dog", "ship"],
                             "epoch": 1}, tmp_path / "m.pth")
     args = ["test.py", "--checkpoint", tmp_path / "m.pth", "--device", "cpu", "--grid", "0", "--data-dir", root]
     monkeypatch.setattr(sys, "argv", list(map(str, args)))
@@ -879,6 +883,7 @@ def test_test_script_checks_a_folder_test_split(tmp_path, test_script, monkeypat
     assert "test accuracy: " in out and "/9 = " in out and "skipping 5 unreadable" in one_line(err)
 
 
+@pytest.mark.quick
 def test_16_bit_grey_is_scaled_for_folder_models(tmp_path):
     """A 16-bit scan given to test.py --image of a folder model: scaled to 8 bits, not clipped to white."""
     import numpy as np
@@ -887,7 +892,7 @@ def test_16_bit_grey_is_scaled_for_folder_models(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     Image.fromarray(np.full((40, 40), 20_000, dtype=np.uint16)).save(tmp_path / "scan.png")
-    x, _ = script.read_image(tmp_path / "scan.png", "folder", "auto", script.folder_eval_transform(32))
-    mean, std = common.STATS["folder"]
+    x, _ = script.read_image(tmp_path / "scan.png", "folder", "auto", imagedata.eval_transform(32))
+    mean, std = imagedata.DATASETS["folder"].stats
     expected = torch.tensor([(round(20_000 / 257) / 255 - m) / s for m, s in zip(mean, std)])
     assert torch.allclose(x.mean((1, 2)), expected, atol=1e-5)

@@ -5,9 +5,11 @@ import re
 import pytest
 import torch
 
-import common
+import imagedata
+import net
 import train
-from conftest import REAL_DATA, TINY, load, make_folder, make_mnist, run_script, weight_differences
+from conftest import (REAL_DATA, TINY, load, make_folder, make_mnist, run_script, run_train_in_process,
+                      weight_differences)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +44,9 @@ def test_training_lowers_the_loss(trained):
     data, save, _ = trained
     ckpt = load(save / "last.pth")
     c = dict(ckpt["config"], data_dir=str(data))
-    test_data = common.load_split(c, False, torch.device("cpu"))
+    test_data = imagedata.load_split(c, False, torch.device("cpu"))
     torch.manual_seed(c["seed"])  # train.py's initial weights
-    model = common.build_model(c, 10)
+    model = net.build_model(c, 10)
     initial_loss, _ = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
     model.load_state_dict(ckpt["model"])
     final_loss, final_acc = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
@@ -63,7 +65,7 @@ def test_test_script_prints_predictions_and_accuracy(trained):
     best = load(save / "best.pth")
     assert int(m.group(1)) / 128 == pytest.approx(best["test_acc"])
     # the labels printed are the real ones of the first five test images
-    labels = common.load_split(dict(best["config"], data_dir=str(data)), False, torch.device("cpu")).labels[:5]
+    labels = imagedata.load_split(dict(best["config"], data_dir=str(data)), False, torch.device("cpu")).labels[:5]
     assert [int(a) for _, a in lines] == labels.tolist()
 
 
@@ -82,6 +84,23 @@ def test_resume_continues_at_next_epoch_with_saved_state(trained, tmp_path):
     # 461 images (51 of the 512 held out for validation) / 32: 15 steps more
     assert after["scheduler"]["last_epoch"] == before["scheduler"]["last_epoch"] + 15
     assert after["config"]["width_div"] == 16  # the checkpoint's settings, not the script's defaults
+
+
+@pytest.mark.quick
+def test_each_step_trains_at_the_rate_of_the_schedule(tmp_path, monkeypatch):
+    """The scheduler steps after the optimizer: step k uses LR * factor(k) from the warm-up's first step on
+    (a scheduler stepped first would skip it). 64 images of batch 32: 2 steps an epoch, 4 in all."""
+    data = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    used = []
+    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    try:
+        run_train_in_process(monkeypatch, *TINY, "--epochs", "2", "--warmup-epochs", "1", "--val-fraction", "0",
+                             "--data-dir", data, "--save-dir", tmp_path / "save")
+    finally:
+        hook.remove()
+    # warm-up (k + 1) / 2 for k = 0, 1; then cosine over the last 2 steps: 1, then cos(pi / 2) halfway
+    assert used == pytest.approx([0.05 * 0.5, 0.05, 0.05, 0.05 * 0.5])
 
 
 def test_same_seed_same_weights(tmp_path, mnist_root):
@@ -109,7 +128,7 @@ def test_own_image_folders_train_and_test_py_reads_them(tmp_path):
 
 def test_help_lists_every_constant():
     proc = run_script("train.py", "--help", check=True)
-    for name in train.hyperparameters():
+    for name in train.DEFAULTS:
         assert "--" + name.lower().replace("_", "-") in proc.stdout, name
     assert "(default: 224)" in proc.stdout  # IMAGE_SIZE, with the comment from the constant's line
     assert "network input side in pixels" in proc.stdout

@@ -2,28 +2,29 @@
 augmentation, and the only thing that chooses best.pth (the test split is reported, never selected on)."""
 
 import csv
-import sys
 
 import pytest
 import torch
 
-import common
+import checkpoints
+import imagedata
 import train
-from conftest import TINY, load, make_folder, make_mnist
+from conftest import TINY, load, make_folder, make_mnist, run_train_in_process
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("n, fraction, n_val", [(1000, 0.1, 100), (257, 0.1, 26), (10, 0.01, 1), (50, 0.0, 0)])
+@pytest.mark.quick
 def test_split_is_disjoint_complete_sized_and_seeded(n, fraction, n_val):
-    train_idx, val_idx = common.validation_indices(n, fraction, seed=3)
+    train_idx, val_idx = imagedata.validation_indices(n, fraction, seed=3)
     assert len(val_idx) == n_val and len(train_idx) == n - n_val
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(n))
-    again = common.validation_indices(n, fraction, seed=3)
+    again = imagedata.validation_indices(n, fraction, seed=3)
     assert torch.equal(again[0], train_idx) and torch.equal(again[1], val_idx)
     if n_val > 1:
-        other = common.validation_indices(n, fraction, seed=4)[1]
+        other = imagedata.validation_indices(n, fraction, seed=4)[1]
         assert not torch.equal(other, val_idx)
         # not simply the first or last images of the split
         assert val_idx.tolist() != list(range(n_val)) and val_idx.tolist() != list(range(n - n_val, n))
@@ -33,36 +34,36 @@ def test_training_batches_never_hold_a_validation_image(tmp_path, monkeypatch):
     root = make_mnist(tmp_path / "data", n_train=200, n_test=8)
     c = {"dataset": "mnist", "data_dir": str(root), "image_size": 32, "workers": 0, "val_fraction": 0.25,
          "seed": 7}
-    tr, val = common.load_train_val(c, CPU)
-    full = common.load_split(c, True, CPU)
+    tr, val = imagedata.load_train_val(c, CPU)
+    full = imagedata.load_split(c, True, CPU)
     assert (len(tr), len(val)) == (150, 50)
     # What train.py shuffles and shards are positions in `tr`; they must map to the held-in images only.
     seen = []
     monkeypatch.setattr(full, "batches", lambda idx, *a, **k: seen.append(idx) or iter(()))
     tr.data = full
     for epoch in range(3):
-        list(tr.batches(common.shard_indices(len(tr), 7, epoch), 32))
+        list(tr.batches(imagedata.shard_indices(len(tr), 7, epoch), 32))
     used = set(torch.cat(seen).tolist())
     assert used == set(tr.indices.tolist()) and not used & set(val.indices.tolist())
     # The batches are the images and labels at those indices, unaugmented for validation.
-    x, y = next(common.load_train_val(c, CPU)[1].batches(torch.arange(4), 4))
+    x, y = next(imagedata.load_train_val(c, CPU)[1].batches(torch.arange(4), 4))
     assert torch.equal(y, full.labels[val.indices[:4]])
     assert torch.equal(x, full.preprocess(full.images[val.indices[:4]]))
     # The split depends on the seed and the size only: the same in every process (RANK) and run.
     monkeypatch.setenv("RANK", "1")
-    assert torch.equal(common.load_train_val(c, CPU)[1].indices, val.indices)
-    assert common.load_train_val(dict(c, val_fraction=0.0), CPU)[1] is None
+    assert torch.equal(imagedata.load_train_val(c, CPU)[1].indices, val.indices)
+    assert imagedata.load_train_val(dict(c, val_fraction=0.0), CPU)[1] is None
 
 
 def test_a_val_folder_is_used_when_present(tmp_path):
     root = make_folder(tmp_path / "data", n_train=12, n_test=6)
     c = {"dataset": "folder", "data_dir": str(root), "image_size": 32, "workers": 0, "val_fraction": 0.5,
          "seed": 0}
-    tr, val = common.load_train_val(c, CPU)
+    tr, val = imagedata.load_train_val(c, CPU)
     assert len(tr) == 6 and len(val) == 6  # no val/: half of train/ held out
     make_folder(tmp_path / "other", n_train=9, n_test=6)
     (tmp_path / "other" / "train").rename(root / "val")
-    tr, val = common.load_train_val(c, CPU)
+    tr, val = imagedata.load_train_val(c, CPU)
     assert len(tr) == 12 and len(val) == 9  # the whole of train/, and val/
     assert val.classes == tr.classes == ["cat", "dog", "ship"]
 
@@ -78,8 +79,7 @@ def run_train(args, monkeypatch, accuracies):
         return 1 - acc, acc
 
     monkeypatch.setattr(train, "evaluate", evaluate)
-    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
-    train.run()
+    run_train_in_process(monkeypatch, *args)
     return calls
 
 
@@ -123,7 +123,7 @@ def test_resume_keeps_the_split_and_an_old_checkpoint_resumes_without_one(tmp_pa
     # A checkpoint written before validation splits existed trained on every image: it goes on doing so.
     ckpt = load(save / "last.pth")
     del ckpt["config"]["val_fraction"]
-    common.save_checkpoint(ckpt, save / "last.pth")
+    checkpoints.save(ckpt, save / "last.pth")
     run_train(["--resume", "--epochs", "3", "--data-dir", data, "--save-dir", save], monkeypatch,
               {"val": [], "test": [0.5]})
     assert "200 train / 0 validation / 64 test" in capsys.readouterr().out

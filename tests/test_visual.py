@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import imagedata
+import plots
 from conftest import ROOT, TINY, make_cifar, make_mnist, run_script
 
 N_TEST = 64
@@ -63,7 +64,7 @@ def split_run(trained):
 def split_data(trained):
     data, save = trained
     c = dict(torch.load(save / "best.pth", weights_only=True)["config"], data_dir=str(data))
-    return common.load_split(c, False, torch.device("cpu"))
+    return imagedata.load_split(c, False, torch.device("cpu"))
 
 
 def matrix_from(stdout: str, n: int = 10) -> list[list[int]]:
@@ -82,13 +83,14 @@ def test_train_draws_curves_png(trained):
     assert not list(save.glob(".*tmp*"))
 
 
+@pytest.mark.quick
 def test_plot_curves_redraws_and_only_warns_on_failure(tmp_path, capsys):
     rows = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_s\n" + "".join(
         f"{e},{1 / e:.3f},{0.8 + e / 100},{1.2 / e:.3f},{0.7 + e / 100},0.01,10.0,100.0\n" for e in (1, 2, 3))
     (tmp_path / "metrics.csv").write_text(rows)
-    common.plot_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    plots.plot_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
     assert is_png(tmp_path / "curves.png")
-    common.plot_curves(tmp_path / "missing.csv", tmp_path / "other.png")  # must not end a training run
+    plots.plot_curves(tmp_path / "missing.csv", tmp_path / "other.png")  # must not end a training run
     assert "warning: could not draw" in capsys.readouterr().err
     assert not (tmp_path / "other.png").exists()
 
@@ -225,7 +227,7 @@ def test_read_image_for_cifar10(script, tmp_path, cifar_ok):
     assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
     root = make_cifar(tmp_path / "data")
     c = {"dataset": "cifar10", "data_dir": str(root), "image_size": 32}
-    data = common.load_split(c, False, torch.device("cpu"))
+    data = imagedata.load_split(c, False, torch.device("cpu"))
     data.raw(5).save(tmp_path / "sample.png")
     x, _ = script.read_image(tmp_path / "sample.png", "cifar10", "auto")
     assert torch.equal(x, data.images[5])
@@ -237,8 +239,8 @@ def test_folder_transform_is_the_datasets_eval_transform(script, tmp_path):
         (tmp_path / "test" / name).mkdir(parents=True)
         pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
         Image.fromarray(pixels, "RGBA").save(tmp_path / "test" / name / f"{k}.png")
-    mean, std = common.STATS["folder"]
-    data = common.FolderImages(tmp_path / "test", None, mean, std, 48, torch.device("cpu"), 0)
+    mean, std = imagedata.DATASETS["folder"].stats
+    data = imagedata.FolderImages(tmp_path / "test", None, mean, std, 48, torch.device("cpu"), 0)
     for i, (path, _) in enumerate(data.eval_set.samples):
-        x, _ = script.read_image(path, "folder", "auto", script.folder_eval_transform(48))
+        x, _ = script.read_image(path, "folder", "auto", imagedata.eval_transform(48))
         assert torch.equal(x, data.eval_set[i][0])

@@ -1,0 +1,339 @@
+"""Everything about the files a run keeps in SAVE_DIR: checkpoints, metrics.csv, the lock, old runs.
+
+A checkpoint is a dict of tensors and plain values, written atomically and loaded with
+weights_only=True. last.pth holds the whole training state; epoch_NNN.pth and best.pth hold the
+weights, config and class names that test.py needs.
+"""
+
+import csv
+import errno
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    import fcntl  # the save-folder lock; not on Windows
+except ImportError:
+    fcntl = None
+
+from cli import UserError
+
+# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's first save.
+OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
+
+
+# Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
+
+
+# val_loss and val_acc come last, so a metrics.csv begun before validation splits keeps its columns.
+METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+                  "images_per_s", "val_loss", "val_acc"]
+
+
+# -------------------------------------------------------------------------------- checkpoint files
+
+def save(obj: dict, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+    A crash or a full disk at any moment leaves the previous `path` intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"could not write {path}: {reason}; the previous checkpoint is unchanged") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # makes the rename itself durable; not possible on every OS or file system
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path, map_location="cpu") -> dict:
+    """Load a checkpoint written by train.py. weights_only=True: a file cannot run code when loaded."""
+    path = Path(path)
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as e:  # a name too long for the file system, a folder that cannot be searched
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not exists:
+        raise UserError(f"checkpoint {path} does not exist (train first: python train.py)")
+    if not is_file:  # a folder, a FIFO (which would block), a device
+        raise UserError(f"checkpoint {path} is not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
+                        "(weights_only=True)") from None
+    except Exception:  # arbitrary bytes make the unpickler fail in many ways (EOFError, IndexError, ...)
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
+    return ckpt
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """The state dict of the plain network: without DDP's `module.` or torch.compile's `_orig_mod.`."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.state_dict()
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
+    """Load weights; a checkpoint of another architecture or class count is a UserError saying which."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing or len(state) != len(own):
+        raise UserError(f"{path} holds a different architecture ({len(state)} tensors, expected {len(own)}; "
+                        f"e.g. {(missing or sorted(set(state) - set(own)))[:1]} does not match)")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            if k == "classifier.6.weight" and state[k].shape[1:] == v.shape[1:]:
+                raise UserError(f"{path} was trained for {state[k].shape[0]} classes, but {v.shape[0]} are expected")
+            raise UserError(f"{path} holds a different architecture: {k} has shape {tuple(state[k].shape)}, "
+                            f"expected {tuple(v.shape)} (another depth, width or batch-norm setting)")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------- the save folder
+
+_lock = None  # (open file, path) of SAVE_DIR/.lock while this process holds it
+
+
+def lock_save_dir(folder: Path) -> None:
+    """Take SAVE_DIR/.lock for the whole run, before anything in the folder is read or changed: a second
+    train.py on the same folder is refused with the holder's pid. The OS drops the lock when the process
+    ends, however it ends, so kill -9 leaves no stale lock behind (only the file, which is taken over)."""
+    global _lock
+    check_writable(folder)
+    if fcntl is None:
+        return
+    path = folder / ".lock"
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # e.g. a folder of that name
+            raise UserError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"  # "?": the holder has the lock but has not written its pid yet
+            f.close()
+            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
+                            "stop it, or pick another --save-dir") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on unguarded
+            f.close()
+            print(f"warning: could not lock {folder} ({e.strerror or e}); make sure no other run uses it",
+                  file=sys.stderr)
+            return
+        try:  # the holder may have ended and removed the file between our open and our lock
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _lock = (f, path)
+
+
+def unlock_save_dir() -> None:
+    """Remove the lock file, then let go of the lock (in that order: see lock_save_dir's inode check)."""
+    global _lock
+    if _lock is not None:
+        f, path = _lock
+        path.unlink(missing_ok=True)
+        f.close()
+        _lock = None
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the save folder {folder}: {e.strerror or e}") from None
+
+
+def previous_run_files(folder: Path) -> list[str]:
+    epochs = sorted(p.name for p in folder.glob("epoch_*.pth"))
+    return epochs + [n for n in RUN_FILES if (folder / n).exists()]
+
+
+def set_aside_old_run(folder: Path) -> Path | None:
+    """--overwrite: move the previous run's files into SAVE_DIR/.replaced/ just before the new run's first
+    save (renames, so instant). A new run that fails earlier leaves the old one whole; one killed during
+    its first save leaves the old files in .replaced/."""
+    old = [p for p in [*folder.glob("epoch_*.pth"), *(folder / n for n in OLD_RUN_FILES)]
+           if p.exists() or p.is_symlink()]
+    if not old:
+        return None
+    aside = folder / ".replaced"
+    shutil.rmtree(aside, ignore_errors=True)  # left by an --overwrite killed in its first save
+    aside.mkdir()
+    for p in old:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def tidy_save_dir(folder: Path, ckpt: dict | None, log) -> None:
+    """Before a run writes anything: the folder can be written to, temporary files of a save that was
+    killed are gone, and on --resume metrics.csv and best.pth agree with last.pth."""
+    check_writable(folder)
+    for stale in folder.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
+        stale.unlink(missing_ok=True)
+    if ckpt is not None:
+        truncate_metrics(folder / "metrics.csv", ckpt["epoch"])
+        if not restore_best(folder, ckpt, log):
+            ckpt["best_acc"] = 0.0  # so that the next epoch writes best.pth again
+
+
+class OldRun:
+    """--overwrite: the previous run's files are set aside (set_aside_old_run) just before the new run's
+    first save and removed just after it, so a new run that fails before it (a bad file, a loss that
+    diverges, a Ctrl-C) never costs the old one."""
+
+    def __init__(self, folder: Path, replace: bool):
+        self.folder, self.pending, self.aside = folder, replace, None
+
+    def before_save(self) -> None:
+        if self.pending:
+            self.aside = set_aside_old_run(self.folder)
+
+    def after_save(self, log) -> None:
+        if not self.pending:
+            return
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            log(f"--overwrite: removed the previous run's files from {self.folder}")
+        self.pending = False
+
+
+def restore_best(folder: Path, ckpt: dict, log) -> bool:
+    """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch
+    (the best validation accuracy; without a validation split the last epoch; in checkpoints written
+    before validation splits, the best test accuracy). False when none of them is that epoch."""
+    best = folder / "best.pth"
+    if best.exists() or ckpt["epoch"] == 0:
+        return True
+    for path in sorted(folder.glob("epoch_*.pth"), reverse=True):
+        try:  # mmap: only the few plain values are read from the disk
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        if not isinstance(weights, dict):
+            continue
+        if "val_acc" not in weights:
+            is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
+        elif weights["val_acc"] is None:
+            is_best = weights.get("epoch") == ckpt["epoch"]
+        else:
+            is_best = weights["val_acc"] == ckpt["best_acc"]
+        if is_best:
+            save(weights, best)
+            log(f"resume: {best} was missing: restored from {path.name}")
+            return True
+    log(f"resume: {best} is missing and no kept epoch_NNN.pth is the best epoch: the best of the epochs "
+        "to come becomes best.pth")
+    return False
+
+
+def rotate(save_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` epoch_NNN.pth (0 keeps all)."""
+    if keep > 0:
+        for old in sorted(save_dir.glob("epoch_*.pth"))[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- metrics.csv
+
+def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
+    """metrics.csv's rows, header first; None when there is none. metrics.csv is a log, never a reason to
+    stop: one that cannot be read as written by this header is set aside with a warning."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        if not path.is_file():  # a folder, or a FIFO that would block
+            raise ValueError("not a regular file")
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if rows and len(rows[0]) < len(header) and rows[0] == header[:len(rows[0])]:
+            # written by a version with fewer columns: the missing ones are empty in its rows
+            rows = [header] + [r + [""] * (len(header) - len(rows[0])) if len(r) == len(rows[0]) else r
+                               for r in rows[1:]]
+        if not rows or rows[0] != header:
+            raise ValueError("another header")
+        for r in rows[1:]:
+            if len(r) != len(header):
+                raise ValueError(f"a row of {len(r)} columns")
+            int(r[0])
+    except (OSError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+        aside = path.with_name(path.name + ".damaged")
+        n = 1
+        while aside.exists() or aside.is_symlink():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged{n}")
+        try:
+            os.replace(path, aside)
+        except OSError as e2:
+            raise UserError(f"{path} is damaged ({e}) and could not be moved aside: "
+                            f"{e2.strerror or e2}") from None
+        reason = str(e).splitlines()[0][:80]
+        print(f"warning: {path} is damaged ({reason}): moved to {aside.name}; a new one is started",
+              file=sys.stderr)
+        return None
+    return rows
+
+
+def write_metrics(path: Path, rows: list[list[str]]) -> None:
+    """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a row."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"could not write {path}: {reason}; the previous {path.name} is unchanged") from None
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    rows = read_metrics(path, list(row)) or [list(row)]
+    write_metrics(path, rows + [[str(v) for v in row.values()]])
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop rows of epochs after the checkpoint's (written by a run that died before saving last.pth)."""
+    rows = read_metrics(path, METRICS_FIELDS)
+    if rows is not None:
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
+        if len(kept) != len(rows):
+            write_metrics(path, kept)

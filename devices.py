@@ -1,0 +1,252 @@
+"""Where a run computes: the device, its precision, torchrun's processes, its memory and random streams."""
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from cli import UserError
+from net import build_model
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """auto: CUDA, then Ascend NPU (when torch_npu is installed), then Apple MPS, then CPU.
+    A device asked for by name that is not there is a UserError."""
+    kind = name.split(":")[0]
+    if kind not in ("auto", "cuda", "npu", "mps", "cpu"):
+        raise UserError(f"unknown device {name!r}; choose auto, cuda, npu, mps or cpu")
+    has_npu = False
+    if kind in ("auto", "npu"):
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu)
+            has_npu = torch.npu.is_available()
+        except ImportError:
+            pass
+    available = {"cuda": torch.cuda.is_available(), "npu": has_npu,
+                 "mps": torch.backends.mps.is_available(), "cpu": True}
+    if kind == "auto":
+        kind = next(k for k in ("cuda", "npu", "mps", "cpu") if available[k])
+    elif not available[kind]:
+        raise UserError(f"--device {name}: no {kind.upper()} device is available on this machine")
+    if ":" in name:
+        index = name.split(":", 1)[1]
+        count = {"cuda": torch.cuda.device_count, "npu": lambda: torch.npu.device_count()}.get(kind, lambda: 1)()
+        if not index.isdigit() or int(index) >= count:
+            raise UserError(f"--device {name}: this machine has {count} {kind.upper()} device(s), "
+                            f"numbered {kind}:0 to {kind}:{count - 1}")
+        return torch.device(kind, int(index))
+    if kind in ("cuda", "npu") and local_rank is not None:
+        return torch.device(kind, local_rank)
+    return torch.device(kind)
+
+
+def use_device(device: torch.device) -> None:
+    """Make a numbered GPU/NPU the current one: synchronize(), capability checks and pinned memory
+    otherwise act on device 0, whatever --device says."""
+    if device.type in ("cuda", "npu") and device.index is not None:
+        getattr(torch, device.type).set_device(device)
+
+
+def prepare(device: torch.device) -> None:
+    """Make `device` the current one, and let cuDNN pick its fastest kernels for training."""
+    use_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32 (see amp_choice for the reason)."""
+    return amp_choice(device, mode)[0]
+
+
+def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why), for the header line of a run.
+
+    auto: bf16 on NVIDIA GPUs of compute capability 8.0 and newer (Ampere) and on NPUs with bf16
+    (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer is_bf16_supported()
+    with True, but emulate bf16 in slow kernels); bf16 on CPUs with AMX; fp32 elsewhere. A CPU with
+    AVX512-BF16 but no AMX trains VGG16 slower in bf16 than in fp32 (measured on a 2-core Xeon).
+    """
+    if mode == "off":
+        return None, "--amp off"
+    if mode in ("bf16", "fp16"):
+        return (torch.bfloat16 if mode == "bf16" else torch.float16), f"--amp {mode}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return torch.bfloat16, f"auto: compute capability {major}.{minor}"
+        return torch.float16, f"auto: compute capability {major}.{minor} has no fast bf16"
+    if device.type == "npu":
+        if torch.npu.is_bf16_supported():
+            return torch.bfloat16, "auto: this NPU has bf16"
+        return torch.float16, "auto: this NPU has no bf16"
+    if device.type == "cpu":
+        has_amx = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()
+        if has_amx:
+            return torch.bfloat16, "auto: this CPU has AMX"
+        return None, "auto: this CPU has no AMX"
+    return None, f"auto: fp32 on {device.type.upper()}"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """One code path for mixed precision: a real autocast context, or a no-op one."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------- torchrun
+
+def setup_distributed() -> tuple[int, int, int | None]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, None) for a plain run."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
+    """Join torchrun's process group on `device` (--device `name`), after checking that it can work."""
+    if ":" in name:
+        raise UserError(f"--device {name}: under torchrun each process takes the device of its "
+                        "LOCAL_RANK; use --device cuda, npu or cpu (or auto)")
+    if device.type == "mps":
+        raise UserError("torchrun runs on CUDA, NPU or CPU devices (not Apple MPS): use --device cpu")
+    if device.type in ("cuda", "npu"):
+        count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()
+        if local_rank >= count:
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
+                            f"node but it has {count} {device.type.upper()} device(s): use --nproc_per_node={count}")
+        getattr(torch, device.type).set_device(device)
+    backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+    dist.init_process_group(backend)
+
+
+def sum_across(values: list[float], device, distributed: bool) -> list[float]:
+    """Sum per-process totals over all processes (identity for a plain run). float32, since neither
+    MPS nor HCCL (Ascend) has float64; counts stay exact up to 2**24 images."""
+    if not distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------- random streams
+
+def random_state(device: torch.device, aug_gen: torch.Generator) -> dict:
+    """This process's random streams, each with the device type it belongs to: the CPU's, the
+    augmentation generator's, and the device's own, which dropout on CUDA/NPU/MPS draws from."""
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(), "aug_device": aug_gen.device.type,
+             "device": device.type}
+    if device.type != "cpu":
+        state["device_rng"] = getattr(torch, device.type).get_rng_state(device)
+    return state
+
+
+def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Generator) -> str | None:
+    """Put the streams of random_state back. Streams of another device type cannot be (a CUDA generator
+    state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says so.
+    Checkpoints that stored no device types hold CPU and augmentation states only."""
+    torch.set_rng_state(state["torch"])
+    aug_device = state.get("aug_device")
+    if aug_device is None:  # no device type stored: tell a CPU generator's state by its size
+        cpu_size = torch.Generator().get_state().numel()
+        aug_device = "cpu" if state["aug"].numel() == cpu_size else "an accelerator"
+    fresh = []
+    if aug_device == aug_gen.device.type:
+        aug_gen.set_state(state["aug"])
+    else:
+        fresh.append(f"augmentation (saved on {aug_device})")
+    if device.type != "cpu":
+        if state.get("device") == device.type:
+            getattr(torch, device.type).set_rng_state(state["device_rng"], device)
+        else:
+            fresh.append(f"dropout (saved on {state.get('device', 'an unrecorded device')})")
+    if fresh:
+        return (f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams "
+                "start afresh")
+    return None
+
+
+# -------------------------------------------------------------------------------- memory and speed
+
+def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple[int, int]:
+    """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the meta
+    device (shapes only, nothing computed): weights, gradients and optimizer state in fp32 plus the
+    autocast copies of the weights; per image, every tensor the forward pass creates (autograd keeps
+    nearly all of them for the backward pass in a VGG), in the autocast dtype, and the input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    n = 3  # BatchNorm needs more than one image; 3 tells activations from weights by their first dimension
+    with torch.device("meta"):
+        model = build_model(c, num_classes).to(amp or torch.float32)
+        x = torch.empty(n, 3, c["image_size"], c["image_size"], dtype=amp or torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer_copies = 2 if c.get("optimizer") == "adamw" else 1
+    fixed = params * 4 * (2 + optimizer_copies) + (params * 2 if amp is not None else 0)
+
+    class CountActivations(TorchDispatchMode):
+        created = x.numel() * x.element_size()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.overloadpacket.__name__.endswith("_"):  # in-place ops (ReLU) create nothing
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n:
+                        CountActivations.created += t.numel() * t.element_size()
+            return out
+    with CountActivations():
+        model(x)
+    return fixed, CountActivations.created // n
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has (its total, not what is free now); None where unknown."""
+    try:
+        if device.type in ("cuda", "npu"):
+            return getattr(torch, device.type).mem_get_info(device)[1]
+        if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return torch.mps.recommended_max_memory()
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        pass
+    return None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and Ascend NPUs a RuntimeError saying 'out of memory'."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(e, oom_types) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def batch_that_fits(batch_size: int, total: int | None, fixed: int, per_image: int) -> int:
+    """A batch size below the one that ran out of memory: the estimate for 90% of the device's memory
+    when it is smaller, else half (the estimate leaves out the allocator's fragmentation and workspaces)."""
+    estimate = (int(0.9 * total) - fixed) // per_image if total else batch_size
+    return max(0, estimate) if estimate < batch_size else batch_size // 2
+
+
+def out_of_memory_message(e: BaseException, run: dict) -> str:
+    """One line for an out-of-memory error: where, at which batch size, and one estimated to fit."""
+    if "config" not in run:
+        return f"out of memory before training began ({str(e).splitlines()[0][:200]})"
+    c, device = run["config"], run["device"]
+    fixed, per_image = memory_estimate(c, run["classes"], run["amp"])
+    total = device_memory(device)
+    fits = batch_that_fits(c["batch_size"], total, fixed, per_image)
+    has = f" ({total / 2**30:.1f} GiB)" if total else ""
+    advice = (f"try --batch-size {fits} (estimated to fit)" if fits else
+              "not even one image fits: try a smaller --image-size or a larger --width-div")
+    precision = "" if run["amp"] is not None else ", or --amp bf16/fp16 (about half the activations)"
+    return f"out of memory on {device}{has} at batch size {c['batch_size']}: {advice}{precision}"
+
+
+def slow_epoch_warning(device: torch.device, step_seconds: float, steps: int,
+                       limit_seconds: float = 3600.0) -> str | None:
+    """On a CPU, one line when an epoch would take longer than limit_seconds at this step time."""
+    if device.type != "cpu" or step_seconds * steps <= limit_seconds:
+        return None
+    return (f"warning: at {step_seconds:.1f} s a step, an epoch of {steps} steps takes about "
+            f"{step_seconds * steps / 3600:.1f} hours on this CPU; a run of minutes: "
+            "python train.py --image-size 32 --width-div 4 --epochs 1")

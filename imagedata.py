@@ -1,0 +1,559 @@
+"""Images from disk to a normalized batch on the device: the dataset table, the splits and their batches.
+
+MNIST, Fashion-MNIST and CIFAR-10 (and folders of images that fit in memory) are kept on the device as
+uint8 (DeviceImages) and preprocessed there a batch at a time; larger folders are read through
+DataLoader workers (FolderImages). Both hand out the images at given indices, in order, so shuffles,
+shards across processes and resumes work the same on either.
+"""
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cli import UserError
+
+@dataclass(frozen=True)
+class Dataset:
+    """What the code needs to know about one dataset. Adding a dataset is one entry in DATASETS."""
+    mean: tuple[float, ...]        # per-channel mean of the training split, pixels in [0, 1]
+    std: tuple[float, ...]         # per-channel standard deviation, likewise
+    torchvision: str | None        # the torchvision.datasets class that reads it; None: DATA_DIR/train/CLASS/*
+    files: str | None              # what that class looks for under the data root (for the error message)
+    stored_size: int | None        # the side its images are stored at (test.py --image brings a picture to it)
+    grey: bool                     # light strokes on a dark background, one channel (test.py --invert)
+    augment: bool                  # --augment auto: on for natural images
+    flips: bool                    # horizontal flips suit it (a mirrored 2 is no 2, a mirrored shirt a shirt)
+
+    @property
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+
+DATASETS = {
+    "mnist": Dataset((0.1307,), (0.3081,), "MNIST",
+                     "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False, False),
+    "fashion-mnist": Dataset((0.2860,), (0.3530,), "FashionMNIST",
+                             "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False,
+                             False),
+    "cifar10": Dataset((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10",
+                       "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}", 32, False, True, True),
+    # Folders of your own images: ImageNet's statistics, any size (resized to IMAGE_SIZE).
+    "folder": Dataset((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, None, None, False, True, True),
+}
+
+# Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the epoch's
+# shuffle is seed * SEED_MIX + epoch, its augmentation seed * SEED_MIX + epoch * EPOCH_MIX + rank, and
+# the validation split seed * SEED_MIX + VAL_OFFSET (apart from any epoch's shuffle).
+SEED_MIX, EPOCH_MIX, VAL_OFFSET = 1_000_003, 1_009, 999_983
+
+
+def _torchvision_split(name: str, root: str, train: bool, download: bool = True):
+    """The torchvision dataset object; downloads when absent (if `download`), one line when that fails."""
+    from torchvision import datasets
+    cls = getattr(datasets, DATASETS[name].torchvision)
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass  # not on disk: try to download it
+    except OSError as e:  # e.g. a name too long for the file system
+        raise UserError(f"cannot read {name} under {root}: {e.strerror or e}") from None
+    if not download:
+        raise UserError(f"{name} not found under {Path(root).resolve()}; expected {DATASETS[name].files} "
+                        "there (set DATA_DIR or --data-dir to the dataset root)")
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return cls(root, train=train, download=True)
+    except Exception as e:  # offline, read-only folder, bad checksum: all end the same way
+        raise UserError(f"{name} not found under {Path(root).resolve()} and could not be downloaded "
+                        f"({type(e).__name__}); expected {DATASETS[name].files} there "
+                        "(set DATA_DIR or --data-dir to the dataset root)") from None
+
+
+class DeviceImages:
+    """A whole split as a uint8 tensor on the training device, preprocessed a batch at a time there.
+
+    Keeping 28x28 or 32x32 uint8 images on the device (MNIST is 47 MB, CIFAR-10 150 MB) avoids
+    DataLoader workers, PIL and the copy of 224 px floats (600 KB an image) for every batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
+                 image_size: int, device: torch.device, pad: int = 4, flip: bool = True):
+        self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
+        self.labels = labels.to(device)      # (N,) int64
+        self.classes = classes
+        self.image_size = image_size
+        self.device = device
+        self.pad = pad                       # random-crop padding, in pixels of the stored image
+        self.flip = flip                     # horizontal flips (not for digits: a mirrored 2 is no 2)
+        c = self.images.shape[1]
+        self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def preprocess(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None):
+        """uint8 (B, C, h, w) on the device -> normalized float (B, 3, S, S), channels_last."""
+        x = x.float().div_(255)
+        if augment:  # random crop with zero padding (and horizontal flip), at the stored resolution
+            b, _, h, w = x.shape
+            p = self.pad
+            x = F.pad(x, (p, p, p, p))
+            g = generator.device if generator is not None else x.device  # MPS draws on a CPU generator
+            dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
+            cols = torch.arange(w, device=x.device).view(1, 1, w)
+            if self.flip:
+                flip = (torch.rand(b, 1, 1, device=g, generator=generator) < 0.5).to(x.device)
+                cols = torch.where(flip, w - 1 - cols, cols)
+            cols = cols + dx                                                        # (B, 1, w)
+            rows = torch.arange(h, device=x.device).view(1, h, 1) + dy              # (B, h, 1)
+            x = x[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols]    # (B, h, w, C)
+            x = x.permute(0, 3, 1, 2)
+        # Normalizing before the resize is the same result (bilinear weights sum to 1) on 64x fewer pixels.
+        # IMAGE_SIZE >= 32 only ever upsamples 28/32 px images, where antialias changes nothing: without it,
+        # MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to the CPU.
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
+        x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels: a view, copied once just below
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
+                generator: torch.Generator | None = None, steps: int | None = None):
+        """Yield (images, labels) for `indices` in order, `batch_size` at a time (see split_batches)."""
+        for idx in split_batches(indices.to(self.device), batch_size, steps):
+            yield self.preprocess(self.images[idx], augment, generator), self.labels[idx]
+
+    def raw(self, i: int):
+        """Sample i as the dataset stores it, as a PIL image (28x28 grey or 32x32 colour)."""
+        from PIL import Image
+        img = self.images[i].cpu()
+        return Image.fromarray(img[0].numpy()) if img.shape[0] == 1 else Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+class FolderImages:
+    """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
+
+    def __init__(self, root: Path, classes_expected, mean, std, image_size: int, device: torch.device,
+                 workers: int):
+        from torchvision import datasets, transforms
+        self.device = device
+        self.workers = workers
+        normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        resize = transforms.Resize((image_size, image_size), antialias=True)
+        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to white.
+        self.eval_set = datasets.ImageFolder(root, loader=_open_rgb,
+                                             transform=eval_transform(image_size, mean, std))
+        self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
+            [transforms.Lambda(_rgb), resize, transforms.RandomCrop(image_size, padding=image_size // 8),
+             transforms.RandomHorizontalFlip(), *normalize]))
+        self.classes = self.eval_set.classes
+        if classes_expected is not None and self.classes != list(classes_expected):
+            raise UserError(f"{root} has classes {self.classes}, but the training set had {list(classes_expected)}")
+        self.labels = torch.tensor(self.eval_set.targets)
+        self._loaders = {}
+
+    def __len__(self) -> int:
+        return len(self.eval_set)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
+                generator: torch.Generator | None = None, steps: int | None = None):
+        """Yield (images, labels) for `indices` in order (see split_batches). The augmentation of image i
+        is seeded by (generator's seed, i): it does not depend on which worker loads it or when, so
+        a resumed run sees the same crops and flips as an uninterrupted one."""
+        if augment not in self._loaders:  # built once, so persistent workers stay alive across epochs
+            sampler = _BatchSampler()
+            loader = torch.utils.data.DataLoader(
+                _SeededItems(self.train_set if augment else self.eval_set), batch_sampler=sampler,
+                num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.workers > 0, worker_init_fn=_ignore_stop_signals,
+                generator=torch.Generator())  # else each epoch's iterator draws from the dropout stream
+            self._loaders[augment] = (loader, sampler)
+        loader, sampler = self._loaders[augment]
+        base = generator.initial_seed() if augment and generator is not None else None
+        sampler.batches = [[(i, None if base is None else (base * SEED_MIX + i) % 2**63) for i in b.tolist()]
+                           for b in split_batches(indices, batch_size, steps)]
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+    def raw(self, i: int):
+        from PIL import Image
+        with Image.open(self.eval_set.samples[i][0]) as im:
+            return _rgb(im)
+
+    def leave_out(self, paths: set[str]) -> None:
+        """Drop these files from the split (unreadable ones the user chose to skip)."""
+        for ds in (self.eval_set, self.train_set):
+            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in paths]
+            ds.targets = [t for _, t in ds.samples]
+        self.labels = torch.tensor(self.eval_set.targets)
+
+
+def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["folder"].std):
+    """A folder image (PIL, any mode) -> the normalized float (3, S, S) the network sees at evaluation;
+    test.py --image applies it to your own pictures for folder models."""
+    from torchvision import transforms
+    return transforms.Compose([transforms.Lambda(_rgb),
+                               transforms.Resize((image_size, image_size), antialias=True),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: Ctrl-C and SIGTERM reach the whole process group (and SLURM signals every
+    process), but only the main process may act on them; a worker that died would end the run before
+    last.pth is written."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Item (i, seed): sample i of `dataset`, its random transforms seeded by `seed` (None: unseeded)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, seed = key
+        if seed is None:
+            return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # leaves the process's own stream (dropout) untouched
+            torch.manual_seed(seed)
+            return self.dataset[i]
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    """Yields whatever batches of indices were set last: the epoch's shuffled shard for this process."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def eight_bit(img):
+    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit "L";
+    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept."""
+    if not img.mode.startswith("I"):
+        return img
+    import numpy as np
+    from PIL import Image
+    wide = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+
+
+def _rgb(img):
+    return eight_bit(img).convert("RGB")
+
+
+def _open_rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return _rgb(im)
+
+
+# --------------------------------------------------------------------------------- folder datasets
+
+# A folder split is kept on the device as uint8 (served like MNIST and CIFAR-10, no workers, no PIL per
+# epoch) when its images, decoded at their stored size, take at most this share of the memory free at
+# start-up, both on the host that decodes them and on the device (divided among a node's processes).
+# Larger folders are read through DataLoader workers every epoch.
+FOLDER_MEMORY_SHARE = 0.25
+
+
+# Unreadable image files named in the one-line error (the rest are counted).
+BAD_FILES_SHOWN = 5
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for a split's tensor: available host memory (it is decoded there) and, for an
+    accelerator, free device memory; shared by the processes torchrun starts on this node."""
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            host = 0  # unknown: take the DataLoader path, which needs no such memory
+    free = host
+    if device.type in ("cuda", "npu"):
+        free = min(free, getattr(torch, device.type).mem_get_info(device)[0])
+    return free // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def _is_master() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _probe(path: str):
+    """(width, height) of an image file from its header, or the reason it cannot be opened."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size, None
+    except Exception as e:  # missing, not an image, too many pixels (DecompressionBombError), ...
+        return None, _reason(e, path)
+
+
+def _check(path: str):
+    """None if the whole file can be decoded, else the reason. Cheaper than decoding: JPEGs are decoded
+    at 1/8 scale (every byte of the stream is still read), PNGs have their chunk checksums verified."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        return None
+    except Exception as e:
+        return _reason(e, path)
+
+
+def _decode(path: str, size: tuple[int, int]):
+    """(uint8 HxWx3 array, None), or (None, reason): the file as the eval transform reads it (RGB, and
+    resized to `size` = (width, height) by the same PIL resize when it has another size)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = _rgb(im)
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BILINEAR)  # what transforms.Resize does to a PIL image
+        return np.asarray(im), None
+    except Exception as e:
+        return None, _reason(e, path)
+
+
+def _reason(e: Exception, path: str) -> str:
+    """Why a file failed, without its path (the line names it once)."""
+    text = f"{type(e).__name__}: {e}".replace(f": '{path}'", "").replace(f" '{path}'", "")
+    return text.replace("\n", " ")[:200]
+
+
+def _chunked(fn, items: list, workers: int, desc: str) -> list:
+    """[fn(item) for item in items], by `workers` processes (0: this one), with a progress bar on rank 0."""
+    from functools import partial
+    from tqdm import tqdm
+    out = []
+    bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000, leave=False,
+               dynamic_ncols=True)
+    chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+    if workers == 0 or len(chunks) < 2:
+        results = map(partial(_map, fn), chunks)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        fork = "fork" in multiprocessing.get_all_start_methods()  # no re-import of torch per worker
+        ctx = multiprocessing.get_context("fork" if fork else None)
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx)
+        results = pool.map(partial(_map, fn), chunks)
+    try:
+        for part in results:
+            out += part
+            bar.update(len(part))
+    finally:
+        bar.close()
+        if workers and len(chunks) >= 2:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def _map(fn, chunk):
+    return [fn(*item) if isinstance(item, tuple) else fn(item) for item in chunk]
+
+
+def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
+    shown = "; ".join(f"{Path(path).relative_to(split)} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
+    more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
+
+
+def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device):
+    """A folder split, every file checked first: as a DeviceImages when its decoded images fit
+    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers).
+    Unreadable files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
+    import time
+    from torchvision import datasets
+    t0 = time.perf_counter()
+    listing = datasets.ImageFolder(split, loader=lambda path: path)  # lists the files, reads none
+    if classes_expected is not None and listing.classes != list(classes_expected):
+        raise UserError(f"{split} has classes {listing.classes}, but the training set had "
+                        f"{list(classes_expected)}")
+    paths = [path for path, _ in listing.samples]
+    workers = c["workers"]
+    probed = _chunked(_probe, paths, workers, f"checking {split}")
+    bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
+    sizes = {size for size, _ in probed if size}
+    # One shared size no larger than the network's input is kept as it is (the device upsamples a batch
+    # at a time, where antialiasing changes nothing); larger or mixed sizes are brought to the input size
+    # on decoding, as the DataLoader path's Resize does, so the device never has to shrink an image.
+    side = c["image_size"]
+    w, h = sizes.pop() if len(sizes) == 1 else (side, side)
+    if w > side or h > side:
+        w, h = side, side
+    need = len(paths) * 3 * w * h
+    fits = need <= FOLDER_MEMORY_SHARE * _free_memory(device)
+    ok = [i for i, (_, why) in enumerate(probed) if not why]
+    if fits:
+        decoded = _chunked(_decode, [(paths[i], (w, h)) for i in ok], workers, f"decoding {split}")
+        bad += [(paths[i], why) for i, (_, why) in zip(ok, decoded) if why]
+    else:
+        checked = _chunked(_check, [paths[i] for i in ok], workers, f"checking {split}")
+        bad += [(paths[i], why) for i, why in zip(ok, checked) if why]
+    if bad:
+        bad.sort()
+        if not c.get("skip_bad_images", False):
+            if not _is_master():
+                sys.exit(2)  # rank 0 says it once for all processes
+            raise UserError(bad_files_line(bad, split) + " (fix or remove them, or skip them with "
+                            "--skip-bad-images)")
+        if _is_master():
+            print(f"skipping {bad_files_line(bad, split)}", file=sys.stderr, flush=True)
+    bad_paths = {p for p, _ in bad}
+    if not len(paths) - len(bad_paths):
+        raise UserError(f"{split} holds no readable images")
+    labels = torch.tensor([t for p, t in listing.samples if p not in bad_paths])
+    if fits:
+        import numpy as np
+        images = torch.from_numpy(np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
+        if _is_master():
+            print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
+                  f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
+        # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
+        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std, c["image_size"], device,
+                            pad=min(w, h) // 8)
+    if _is_master():
+        print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
+              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers "
+              "every epoch",
+              flush=True)
+    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
+    if bad_paths:
+        data.leave_out(bad_paths)
+    return data
+
+
+# -------------------------------------------------------------------- splits, shuffles and batches
+
+def load_split(c: dict, train: bool | str, device: torch.device, classes=None, download: bool = True):
+    """The training or test split named by config c, ready to hand out batches on `device`
+    (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
+    on disk is an error, and nothing is created."""
+    root = Path(c["data_dir"])
+    mean, std = DATASETS[c["dataset"]].stats
+    if c["dataset"] == "folder":
+        split = root / (train if isinstance(train, str) else "train" if train else "test")
+        if not split.is_dir():
+            raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
+                            f"and {root}/test/CLASS/*.jpg")
+        try:
+            return load_folder(split, classes, mean, std, c, device)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"cannot read images under {split}: {e}") from None
+    ds = _torchvision_split(c["dataset"], str(root), train, download)
+    images = torch.as_tensor(ds.data)
+    if images.ndim == 3:             # MNIST: (N, 28, 28)
+        images = images.unsqueeze(1)
+    else:                            # CIFAR-10: (N, 32, 32, 3) numpy, HWC
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+    classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
+    return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
+                        flip=DATASETS[c["dataset"]].flips)
+
+
+class Subset:
+    """Part of a split (DeviceImages or FolderImages), named by the split's own indices: batches(i) hands
+    out the images at positions i of this part, so shuffles, shards and resume work on it unchanged."""
+
+    def __init__(self, data, indices: torch.Tensor):
+        self.data = data
+        self.indices = indices
+        self.classes = data.classes
+        self.labels = data.labels[indices.to(data.labels.device)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, indices: torch.Tensor, *args, **kwargs):
+        return self.data.batches(self.indices[indices], *args, **kwargs)
+
+    def raw(self, i: int):
+        return self.data.raw(int(self.indices[i]))
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) indices of a split of n images: round(fraction * n) of them held out
+    (at least one when fraction > 0). Drawn from the seed alone, so every process of a run and every
+    --resume of it holds out the same images. Both sorted: a folder is then read in file order."""
+    n_val = max(1, round(fraction * n)) if fraction > 0 else 0
+    g = torch.Generator().manual_seed(seed * SEED_MIX + VAL_OFFSET)
+    perm = torch.randperm(n, generator=g)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def load_train_val(c: dict, device: torch.device):
+    """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/ uses
+    it as the validation split and the whole of train/; otherwise c["val_fraction"] of the training
+    images are held out (0: none)."""
+    train = load_split(c, True, device)
+    if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
+        return train, load_split(c, "val", device, classes=train.classes)
+    if c["val_fraction"] <= 0:
+        return train, None
+    train_idx, val_idx = validation_indices(len(train), c["val_fraction"], c["seed"])
+    if len(train_idx) == 0:
+        raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images of {len(train)}")
+    return Subset(train, train_idx), Subset(train, val_idx)
+
+
+def augment_enabled(c: dict) -> bool:
+    """auto: the dataset table's choice (on for natural images, off for digits and clothes)."""
+    return c["augment"] == "on" or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment)
+
+
+def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This process's part of the epoch's shuffle. Every process draws the same permutation
+    (seeded by seed and epoch), so the shards are disjoint and together cover all n samples."""
+    g = torch.Generator().manual_seed(seed * SEED_MIX + epoch)
+    return torch.randperm(n, generator=g)[rank::world]
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of a process's augmentation stream at the start of an epoch."""
+    return seed * SEED_MIX + epoch * EPOCH_MIX + rank
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps in an epoch, the same on every process: the shards differ by at most one
+    sample, and counting from the shortest keeps a process from stepping alone (its gradient
+    all-reduce would wait forever); a longer shard's extra sample joins its last batch."""
+    return math.ceil((n // world) / batch_size)
+
+
+def split_batches(indices: torch.Tensor, batch_size: int, steps: int | None = None) -> list[torch.Tensor]:
+    """`indices` cut into batches of batch_size; with `steps`, exactly that many, the last one taking the rest."""
+    if steps is None:
+        return list(indices.split(batch_size))
+    bounds = [i * batch_size for i in range(steps)] + [len(indices)]
+    return [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

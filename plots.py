@@ -1,0 +1,126 @@
+"""The pictures: curves.png (train.py), confusion.png and predictions.png (test.py).
+
+Drawn on bare matplotlib Figures, which render with Agg: no display is needed, nothing opens a
+window, and no pyplot means the backend of whatever program imports this module is left alone.
+"""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import UserError
+
+MAX_MATRIX_CLASSES = 30  # beyond this the confusion matrix is too wide to read: the worst pairs are listed
+
+def plot_curves(csv_path, png_path) -> None:
+    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation and test.
+
+    Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
+    means the backend of whatever program imports this module is left alone. A plot that cannot be
+    drawn (matplotlib missing, unreadable CSV) is a warning on stderr, never the end of a training run.
+    """
+    import csv
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}.png")  # train.py deletes stale .*.tmp* files
+    try:
+        from matplotlib.figure import Figure
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        # A run without a validation split (or one begun before them) has no or empty val_ columns.
+        has_val = bool(rows) and all(r.get("val_acc") for r in rows)
+        for split, marker in (("train", "o"), ("val", "^"), ("test", "s")):
+            if split == "val" and not has_val:
+                continue
+            ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker, label=split)
+            ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker, label=split)
+        for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
+            ax.set(xlabel="epoch", ylabel=name)
+            ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
+            ax.grid(alpha=0.3)
+            ax.legend()
+        if has_val:  # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+            best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
+            fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
+                         f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
+        elif rows:
+            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}",
+                         fontsize=10)
+        fig.savefig(tmp)
+        os.replace(tmp, png_path)  # a viewer never sees a half-written file
+    except (ImportError, OSError, ValueError, KeyError) as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not draw {png_path}: {e}", file=sys.stderr)
+
+
+def save_figure(fig, path: Path) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    print(f"wrote {path}")
+
+
+def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
+    """confusion.png: counts in the cells, coloured by their share of the actual class."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
+    n = len(classes)
+    share = (cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    side = min(max(4.0, 0.4 * n + 1.4), 16.0)  # at most 1600 px: with many classes a cell is a pixel or less
+    fig = Figure(figsize=(side, side * 0.92), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    # gamma < 1 so that a class confused 1% of the time is already visibly tinted
+    ax.imshow(share, cmap="Blues", norm=PowerNorm(0.4, vmin=0, vmax=1))
+    if n <= 30:  # beyond that the numbers no longer fit in the cells
+        for (i, j), v in np.ndenumerate(cm.numpy()):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else ("0.75" if v == 0 else "black"))
+    long_names = max(map(len, classes)) > 3
+    if n <= MAX_MATRIX_CLASSES:
+        ax.set_xticks(range(n), classes, rotation=45 if long_names else 0,
+                      ha="right" if long_names else "center", fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+        ax.set(xlabel="predicted", ylabel="actual")
+    else:  # names would overlap: the axes count class indices (the order of the per-class table)
+        ax.set(xlabel="predicted (class index)", ylabel="actual (class index)")
+    acc = cm.diag().sum().item() / max(1, cm.sum().item())
+    ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
+    save_figure(fig, path)
+
+
+def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor, classes: list[str],
+              path: Path) -> None:
+    """predictions.png: the images as the dataset stores them, each with its predicted and actual label;
+    mistakes get a red caption and a red frame."""
+    from matplotlib.figure import Figure
+    cols = min(len(indices), max(8, math.ceil(math.sqrt(len(indices)))))
+    rows = math.ceil(len(indices) / cols)
+    cell = max(0.95, 0.075 * (5 + max(map(len, classes))))  # inches: room for "pred automobile"
+    fig = Figure(figsize=(cols * cell, rows * 1.12 + 0.3), dpi=80, layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    wrong = 0
+    for ax, i in zip(axes, indices):
+        img, p, y = data.raw(i), int(preds[i]), int(labels[i])
+        ok = p == y
+        wrong += not ok
+        gray = img.mode == "L"
+        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None, vmax=255 if gray else None,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"pred {classes[p]}\ntrue {classes[y]}", fontsize=7, color="black" if ok else "red",
+                     fontweight="normal" if ok else "bold", pad=2)
+        for spine in ax.spines.values():
+            spine.set_color("0.8" if ok else "red")
+            spine.set_linewidth(0.5 if ok else 2.5)
+    for ax in axes[len(indices):]:  # the empty cells of the last row
+        ax.set_axis_off()
+    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)", fontsize=9)
+    save_figure(fig, path)
