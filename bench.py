@@ -25,15 +25,7 @@ On a CPU, THP_MEM_ALLOC_ENABLE=1 in the environment makes PyTorch back tensors o
 huge pages: far fewer page faults for the fresh weight copies and gradients of every step
 (VGG16's first Linear alone is 102M parameters), for all three pipelines alike.
 
-Measured on a 2-core Xeon VM (AVX512-BF16/AMX, torch 2.14.1 CPU), full-width VGG16_bn, 32 px, batch 64,
-real MNIST; median of 5 runs, because this VM's speed drifts by up to 2x within a minute:
-                                           (a) img/s  (b) img/s  (c) img/s  (a)/(b)      (a) / fp32 matmul FLOP/s
-    python bench.py                          49.6       38.2       39.5     1.27 (1.16-1.52)   0.64 (0.58-0.74)
-    THP_MEM_ALLOC_ENABLE=1 python bench.py   57.4       40.7       42.1     1.43 (1.03-2.15)   0.74 (0.52-1.30)
-At this size the input pipeline is not what limits: (b)'s PIL + numpy work is 8 ms of a ~1.5 s step.
-(a) gains from bf16 in the Linears and the forward convolutions; the backward of the 512-channel
-convolutions on 2x2 and 4x4 maps stays slow in bf16, and autocast's casts of the 138M weights and
-their gradients plus SGD's passes over them are memory-bound (~0.35 s of a ~1.2 s step).
+Measured results, with their commands and machines: docs/bench.md.
 """
 
 import argparse

@@ -22,7 +22,8 @@ except ImportError:
 
 from cli import UserError
 
-# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's first save.
+# What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's
+# first save.
 OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
 
 
@@ -69,7 +70,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by train.py. weights_only=True: a file cannot run code when loaded."""
+    """Load a checkpoint written by train.py. weights_only=True: a file cannot run code when
+    loaded."""
     path = Path(path)
     try:
         exists, is_file = path.exists(), path.is_file()
@@ -86,7 +88,8 @@ def load(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError:
         raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
                         "(weights_only=True)") from None
-    except Exception:  # arbitrary bytes make the unpickler fail in many ways (EOFError, IndexError, ...)
+    # arbitrary bytes make the unpickler fail in many ways (EOFError, IndexError, ...)
+    except Exception:
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
@@ -94,14 +97,16 @@ def load(path, map_location="cpu") -> dict:
 
 
 def model_state(model: torch.nn.Module) -> dict:
-    """The state dict of the plain network: without DDP's `module.` or torch.compile's `_orig_mod.`."""
+    """The state dict of the plain network: without DDP's `module.` or torch.compile's
+    `_orig_mod.`."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     return model.state_dict()
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
-    """Load weights; a checkpoint of another architecture or class count is a UserError saying which."""
+    """Load weights; a checkpoint of another architecture or class count is a UserError saying
+    which."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     if missing or len(state) != len(own):
@@ -122,9 +127,10 @@ _lock = None  # (open file, path) of SAVE_DIR/.lock while this process holds it
 
 
 def lock_save_dir(folder: Path) -> None:
-    """Take SAVE_DIR/.lock for the whole run, before anything in the folder is read or changed: a second
-    train.py on the same folder is refused with the holder's pid. The OS drops the lock when the process
-    ends, however it ends, so kill -9 leaves no stale lock behind (only the file, which is taken over)."""
+    """Take SAVE_DIR/.lock for the whole run, before anything in the folder is read or changed: a
+    second train.py on the same folder is refused with the holder's pid. The OS drops the lock when
+    the process ends, however it ends, so kill -9 leaves no stale lock behind (only the file, which
+    is taken over)."""
     global _lock
     check_writable(folder)
     if fcntl is None:
@@ -139,7 +145,8 @@ def lock_save_dir(folder: Path) -> None:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "?"  # "?": the holder has the lock but has not written its pid yet
+            # "?": the holder has the lock but has not written its pid yet
+            holder = f.read().strip() or "?"
             f.close()
             raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
                             "stop it, or pick another --save-dir") from None
@@ -161,7 +168,8 @@ def lock_save_dir(folder: Path) -> None:
 
 
 def unlock_save_dir() -> None:
-    """Remove the lock file, then let go of the lock (in that order: see lock_save_dir's inode check)."""
+    """Remove the lock file, then let go of the lock (in that order: see lock_save_dir's inode
+    check)."""
     global _lock
     if _lock is not None:
         f, path = _lock
@@ -186,9 +194,9 @@ def previous_run_files(folder: Path) -> list[str]:
 
 
 def set_aside_old_run(folder: Path) -> Path | None:
-    """--overwrite: move the previous run's files into SAVE_DIR/.replaced/ just before the new run's first
-    save (renames, so instant). A new run that fails earlier leaves the old one whole; one killed during
-    its first save leaves the old files in .replaced/."""
+    """--overwrite: move the previous run's files into SAVE_DIR/.replaced/ just before the new run's
+    first save (renames, so instant). A new run that fails earlier leaves the old one whole; one
+    killed during its first save leaves the old files in .replaced/."""
     old = [p for p in [*folder.glob("epoch_*.pth"), *(folder / n for n in OLD_RUN_FILES)]
            if p.exists() or p.is_symlink()]
     if not old:
@@ -202,8 +210,8 @@ def set_aside_old_run(folder: Path) -> Path | None:
 
 
 def tidy_save_dir(folder: Path, ckpt: dict | None, log) -> None:
-    """Before a run writes anything: the folder can be written to, temporary files of a save that was
-    killed are gone, and on --resume metrics.csv and best.pth agree with last.pth."""
+    """Before a run writes anything: the folder can be written to, temporary files of a save that
+    was killed are gone, and on --resume metrics.csv and best.pth agree with last.pth."""
     check_writable(folder)
     for stale in folder.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
         stale.unlink(missing_ok=True)
@@ -214,9 +222,9 @@ def tidy_save_dir(folder: Path, ckpt: dict | None, log) -> None:
 
 
 class OldRun:
-    """--overwrite: the previous run's files are set aside (set_aside_old_run) just before the new run's
-    first save and removed just after it, so a new run that fails before it (a bad file, a loss that
-    diverges, a Ctrl-C) never costs the old one."""
+    """--overwrite: the previous run's files are set aside (set_aside_old_run) just before the new
+    run's first save and removed just after it, so a new run that fails before it (a bad file, a
+    loss that diverges, a Ctrl-C) never costs the old one."""
 
     def __init__(self, folder: Path, replace: bool):
         self.folder, self.pending, self.aside = folder, replace, None
@@ -273,8 +281,9 @@ def rotate(save_dir: Path, keep: int) -> None:
 # ------------------------------------------------------------------------------------- metrics.csv
 
 def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
-    """metrics.csv's rows, header first; None when there is none. metrics.csv is a log, never a reason to
-    stop: one that cannot be read as written by this header is set aside with a warning."""
+    """metrics.csv's rows, header first; None when there is none. metrics.csv is a log, never a
+    reason to stop: one that cannot be read as written by this header is set aside with a
+    warning."""
     if not path.exists() and not path.is_symlink():
         return None
     try:
@@ -311,7 +320,8 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
 
 
 def write_metrics(path: Path, rows: list[list[str]]) -> None:
-    """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a row."""
+    """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a
+    row."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -331,7 +341,8 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop rows of epochs after the checkpoint's (written by a run that died before saving last.pth)."""
+    """Drop rows of epochs after the checkpoint's (written by a run that died before saving
+    last.pth)."""
     rows = read_metrics(path, METRICS_FIELDS)
     if rows is not None:
         kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epochs_done]

@@ -18,12 +18,13 @@ from types import MappingProxyType
 from net import CFGS
 
 class UserError(Exception):
-    """A mistake the user can fix (bad option, missing file, ...): reported in one line, exit code 2."""
+    """A mistake the user can fix (bad option, missing file, ...): reported in one line, exit code
+    2."""
 
 
 def run_main(main):
-    """Call main() and return what it returns; a UserError becomes `prog: error: message` on stderr and
-    exit code 2."""
+    """Call main() and return what it returns; a UserError becomes `prog: error: message` on stderr
+    and exit code 2."""
     try:
         return main()
     except UserError as e:
@@ -37,32 +38,40 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage block before an error; one line is easier to read."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)  # --lr must not silently mean --lr-something
+        # --lr must not silently mean --lr-something
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _constant_comments(source_file: str) -> dict[str, str]:
-    """Map NAME -> its trailing comment, for top-level lines of the form `NAME = value  # comment`."""
+    """Map NAME -> its trailing comment, for top-level lines of the form `NAME = value  # comment`.
+    Comment lines right below, starting in the same column, continue it (lines fit an editor)."""
     comments, name, at_line_start = {}, None, True
+    last = None  # (NAME, column) of the comment that a comment line below may continue
     with open(source_file, "rb") as f:
         for tok in tokenize.tokenize(f.readline):
             if tok.type == tokenize.NAME and at_line_start and tok.start[1] == 0:
-                name = tok.string
+                name, last = tok.string, None
             elif tok.type == tokenize.COMMENT and name and name.isupper():
                 comments[name] = tok.string.lstrip("# ").strip()
+                last = (name, tok.start[1])
+            elif tok.type == tokenize.COMMENT and at_line_start and last and tok.start[1] == last[1]:
+                comments[last[0]] += " " + tok.string.lstrip("# ").strip()
+            elif tok.type == tokenize.COMMENT or tok.type == tokenize.NL and at_line_start:
+                last = None  # another comment, or a blank line: the constant's comment has ended
             if tok.type in (tokenize.NEWLINE, tokenize.NL):
                 name = None
-            at_line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
-                                         tokenize.ENCODING)
+            at_line_start = tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT,
+                                         tokenize.DEDENT, tokenize.ENCODING)
     return comments
 
 
 def frozen(namespace: dict) -> MappingProxyType:
-    """A script's settings: the UPPERCASE names of `namespace` (its globals()) that hold plain values,
-    in order, as they are when this is called. Called right after the constant block, so a constant
-    defined further down never becomes a flag."""
+    """A script's settings: the UPPERCASE names of `namespace` (its globals()) that hold plain
+    values, in order, as they are when this is called. Called right after the constant block, so a
+    constant defined further down never becomes a flag."""
     return MappingProxyType({k: v for k, v in namespace.items()
                              if k.isupper() and isinstance(v, (bool, int, float, str))})
 
@@ -109,8 +118,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 SEED_MAX = 2**32 - 1
 
 
-# A VGG at 2048 px keeps about 13 GB of activations per training image (counted from its layer sizes):
-# beyond that not even one image fits on a device.
+# A VGG at 2048 px keeps about 13 GB of activations per training image (counted from its layer
+# sizes): beyond that not even one image fits on a device.
 MAX_IMAGE_SIZE = 2048
 
 
@@ -188,9 +197,10 @@ def check_config(c: dict) -> None:
 # ----------------------------------------------------------------------------------------- console
 
 class QuietStream:
-    """A text stream whose write errors are swallowed: a reader that has gone (`| head -1`) or a full disk
-    behind stdout or stderr (`> /dev/full`) must never end a training run. After the first failure the
-    stream's file descriptor points at /dev/null, so later lines and the flush at exit go nowhere, quietly."""
+    """A text stream whose write errors are swallowed: a reader that has gone (`| head -1`) or a
+    full disk behind stdout or stderr (`> /dev/full`) must never end a training run. After the first
+    failure the stream's file descriptor points at /dev/null, so later lines and the flush at exit
+    go nowhere, quietly."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -219,5 +229,6 @@ class QuietStream:
 
 
 def console(*args, file=None, **kwargs) -> None:
-    """print for progress lines (see QuietStream); flushed, so a failure surfaces here, not at exit."""
+    """print for progress lines (see QuietStream); flushed, so a failure surfaces here, not at
+    exit."""
     print(*args, file=QuietStream(file or sys.stdout), **{**kwargs, "flush": True})

@@ -1,4 +1,4 @@
-"""Where a run computes: the device, its precision, torchrun's processes, its memory and random streams."""
+"""Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
 import os
 from contextlib import nullcontext
@@ -51,7 +51,8 @@ def prepare(device: torch.device) -> None:
     """Make `device` the current one, and let cuDNN pick its fastest kernels for training."""
     use_device(device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
+        # fixed input shapes: let cuDNN pick its fastest convolutions
+        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -65,9 +66,10 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
     """(autocast dtype or None for fp32, why), for the header line of a run.
 
     auto: bf16 on NVIDIA GPUs of compute capability 8.0 and newer (Ampere) and on NPUs with bf16
-    (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer is_bf16_supported()
-    with True, but emulate bf16 in slow kernels); bf16 on CPUs with AMX; fp32 elsewhere. A CPU with
-    AVX512-BF16 but no AMX trains VGG16 slower in bf16 than in fp32 (measured on a 2-core Xeon).
+    (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer
+    is_bf16_supported() with True, but emulate bf16 in slow kernels); bf16 on CPUs with AMX; fp32
+    elsewhere. A CPU with AVX512-BF16 but no AMX trains VGG16 slower in bf16 than in fp32 (measured
+    on a 2-core Xeon).
     """
     if mode == "off":
         return None, "--amp off"
@@ -105,7 +107,8 @@ def setup_distributed() -> tuple[int, int, int | None]:
 
 
 def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
-    """Join torchrun's process group on `device` (--device `name`), after checking that it can work."""
+    """Join torchrun's process group on `device` (--device `name`), after checking that it can
+    work."""
     if ":" in name:
         raise UserError(f"--device {name}: under torchrun each process takes the device of its "
                         "LOCAL_RANK; use --device cuda, npu or cpu (or auto)")
@@ -144,9 +147,9 @@ def random_state(device: torch.device, aug_gen: torch.Generator) -> dict:
 
 
 def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Generator) -> str | None:
-    """Put the streams of random_state back. Streams of another device type cannot be (a CUDA generator
-    state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says so.
-    Checkpoints that stored no device types hold CPU and augmentation states only."""
+    """Put the streams of random_state back. Streams of another device type cannot be (a CUDA
+    generator state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says
+    so. Checkpoints that stored no device types hold CPU and augmentation states only."""
     torch.set_rng_state(state["torch"])
     aug_device = state.get("aug_device")
     if aug_device is None:  # no device type stored: tell a CPU generator's state by its size
@@ -171,12 +174,14 @@ def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Gener
 # -------------------------------------------------------------------------------- memory and speed
 
 def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple[int, int]:
-    """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the meta
-    device (shapes only, nothing computed): weights, gradients and optimizer state in fp32 plus the
-    autocast copies of the weights; per image, every tensor the forward pass creates (autograd keeps
-    nearly all of them for the backward pass in a VGG), in the autocast dtype, and the input."""
+    """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the
+    meta device (shapes only, nothing computed): weights, gradients and optimizer state in fp32 plus
+    the autocast copies of the weights; per image, every tensor the forward pass creates (autograd
+    keeps nearly all of them for the backward pass in a VGG), in the autocast dtype, and the
+    input."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    n = 3  # BatchNorm needs more than one image; 3 tells activations from weights by their first dimension
+    # BatchNorm needs more than one image; 3 tells activations from weights by their first dimension
+    n = 3
     with torch.device("meta"):
         model = build_model(c, num_classes).to(amp or torch.float32)
         x = torch.empty(n, 3, c["image_size"], c["image_size"], dtype=amp or torch.float32)
@@ -214,15 +219,17 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; MPS and Ascend NPUs a RuntimeError saying 'out of memory'."""
+    """CUDA raises torch.OutOfMemoryError; MPS and Ascend NPUs a RuntimeError saying 'out of
+    memory'."""
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
     return isinstance(e, oom_types) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def batch_that_fits(batch_size: int, total: int | None, fixed: int, per_image: int) -> int:
-    """A batch size below the one that ran out of memory: the estimate for 90% of the device's memory
-    when it is smaller, else half (the estimate leaves out the allocator's fragmentation and workspaces)."""
+    """A batch size below the one that ran out of memory: the estimate for 90% of the device's
+    memory when it is smaller, else half (the estimate leaves out the allocator's fragmentation and
+    workspaces)."""
     estimate = (int(0.9 * total) - fixed) // per_image if total else batch_size
     return max(0, estimate) if estimate < batch_size else batch_size // 2
 

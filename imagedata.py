@@ -1,7 +1,7 @@
-"""Images from disk to a normalized batch on the device: the dataset table, the splits and their batches.
+"""Images from disk to a normalized batch on the device: the dataset table, splits and batches.
 
-MNIST, Fashion-MNIST and CIFAR-10 (and folders of images that fit in memory) are kept on the device as
-uint8 (DeviceImages) and preprocessed there a batch at a time; larger folders are read through
+MNIST, Fashion-MNIST and CIFAR-10 (and folders of images that fit in memory) are kept on the device
+as uint8 (DeviceImages) and preprocessed there a batch at a time; larger folders are read through
 DataLoader workers (FolderImages). Both hand out the images at given indices, in order, so shuffles,
 shards across processes and resumes work the same on either.
 """
@@ -23,12 +23,17 @@ class Dataset:
     """What the code needs to know about one dataset. Adding a dataset is one entry in DATASETS."""
     mean: tuple[float, ...]        # per-channel mean of the training split, pixels in [0, 1]
     std: tuple[float, ...]         # per-channel standard deviation, likewise
-    torchvision: str | None        # the torchvision.datasets class that reads it; None: DATA_DIR/train/CLASS/*
-    files: str | None              # what that class looks for under the data root (for the error message)
-    stored_size: int | None        # the side its images are stored at (test.py --image brings a picture to it)
-    grey: bool                     # light strokes on a dark background, one channel (test.py --invert)
+    # the torchvision.datasets class that reads it; None: DATA_DIR/train/CLASS/*
+    torchvision: str | None
+    # what that class looks for under the data root (for the error message)
+    files: str | None
+    # the side its images are stored at (test.py --image brings a picture to it)
+    stored_size: int | None
+    # light strokes on a dark background, one channel (test.py --invert)
+    grey: bool
     augment: bool                  # --augment auto: on for natural images
-    flips: bool                    # horizontal flips suit it (a mirrored 2 is no 2, a mirrored shirt a shirt)
+    # horizontal flips suit it (a mirrored 2 is no 2, a mirrored shirt a shirt)
+    flips: bool
 
     @property
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -47,14 +52,15 @@ DATASETS = {
     "folder": Dataset((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, None, None, False, True, True),
 }
 
-# Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the epoch's
-# shuffle is seed * SEED_MIX + epoch, its augmentation seed * SEED_MIX + epoch * EPOCH_MIX + rank, and
-# the validation split seed * SEED_MIX + VAL_OFFSET (apart from any epoch's shuffle).
+# Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the
+# epoch's shuffle is seed * SEED_MIX + epoch, its augmentation seed * SEED_MIX + epoch * EPOCH_MIX +
+# rank, and the validation split seed * SEED_MIX + VAL_OFFSET (apart from any epoch's shuffle).
 SEED_MIX, EPOCH_MIX, VAL_OFFSET = 1_000_003, 1_009, 999_983
 
 
 def _torchvision_split(name: str, root: str, train: bool, download: bool = True):
-    """The torchvision dataset object; downloads when absent (if `download`), one line when that fails."""
+    """The torchvision dataset object; downloads when absent (if `download`), one line when that
+    fails."""
     from torchvision import datasets
     cls = getattr(datasets, DATASETS[name].torchvision)
     try:
@@ -90,7 +96,8 @@ class DeviceImages:
         self.image_size = image_size
         self.device = device
         self.pad = pad                       # random-crop padding, in pixels of the stored image
-        self.flip = flip                     # horizontal flips (not for digits: a mirrored 2 is no 2)
+        # horizontal flips (not for digits: a mirrored 2 is no 2)
+        self.flip = flip
         c = self.images.shape[1]
         self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, c, 1, 1)
@@ -105,7 +112,8 @@ class DeviceImages:
             b, _, h, w = x.shape
             p = self.pad
             x = F.pad(x, (p, p, p, p))
-            g = generator.device if generator is not None else x.device  # MPS draws on a CPU generator
+            # MPS draws on a CPU generator
+            g = generator.device if generator is not None else x.device
             dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
             dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=g, generator=generator).to(x.device)
             cols = torch.arange(w, device=x.device).view(1, 1, w)
@@ -116,9 +124,10 @@ class DeviceImages:
             rows = torch.arange(h, device=x.device).view(1, h, 1) + dy              # (B, h, 1)
             x = x[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols]    # (B, h, w, C)
             x = x.permute(0, 3, 1, 2)
-        # Normalizing before the resize is the same result (bilinear weights sum to 1) on 64x fewer pixels.
-        # IMAGE_SIZE >= 32 only ever upsamples 28/32 px images, where antialias changes nothing: without it,
-        # MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to the CPU.
+        # Normalizing before the resize is the same result (bilinear weights sum to 1) on 64x fewer
+        # pixels. IMAGE_SIZE >= 32 only ever upsamples 28/32 px images, where antialias changes
+        # nothing: without it, MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to
+        # the CPU.
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -128,7 +137,8 @@ class DeviceImages:
 
     def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None):
-        """Yield (images, labels) for `indices` in order, `batch_size` at a time (see split_batches)."""
+        """Yield (images, labels) for `indices` in order, `batch_size` at a time (see
+        split_batches)."""
         for idx in split_batches(indices.to(self.device), batch_size, steps):
             yield self.preprocess(self.images[idx], augment, generator), self.labels[idx]
 
@@ -149,7 +159,8 @@ class FolderImages:
         self.workers = workers
         normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         resize = transforms.Resize((image_size, image_size), antialias=True)
-        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to white.
+        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to
+        # white.
         self.eval_set = datasets.ImageFolder(root, loader=_open_rgb,
                                              transform=eval_transform(image_size, mean, std))
         self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
@@ -166,16 +177,18 @@ class FolderImages:
 
     def batches(self, indices: torch.Tensor, batch_size: int, augment: bool = False,
                 generator: torch.Generator | None = None, steps: int | None = None):
-        """Yield (images, labels) for `indices` in order (see split_batches). The augmentation of image i
-        is seeded by (generator's seed, i): it does not depend on which worker loads it or when, so
-        a resumed run sees the same crops and flips as an uninterrupted one."""
-        if augment not in self._loaders:  # built once, so persistent workers stay alive across epochs
+        """Yield (images, labels) for `indices` in order (see split_batches). The augmentation of
+        image i is seeded by (generator's seed, i): it does not depend on which worker loads it or
+        when, so a resumed run sees the same crops and flips as an uninterrupted one."""
+        # built once, so persistent workers stay alive across epochs
+        if augment not in self._loaders:
             sampler = _BatchSampler()
             loader = torch.utils.data.DataLoader(
                 _SeededItems(self.train_set if augment else self.eval_set), batch_sampler=sampler,
                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
                 persistent_workers=self.workers > 0, worker_init_fn=_ignore_stop_signals,
-                generator=torch.Generator())  # else each epoch's iterator draws from the dropout stream
+                # else each epoch's iterator draws from the dropout stream
+                generator=torch.Generator())
             self._loaders[augment] = (loader, sampler)
         loader, sampler = self._loaders[augment]
         base = generator.initial_seed() if augment and generator is not None else None
@@ -199,8 +212,8 @@ class FolderImages:
 
 
 def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["folder"].std):
-    """A folder image (PIL, any mode) -> the normalized float (3, S, S) the network sees at evaluation;
-    test.py --image applies it to your own pictures for folder models."""
+    """A folder image (PIL, any mode) -> the normalized float (3, S, S) the network sees at
+    evaluation; test.py --image applies it to your own pictures for folder models."""
     from torchvision import transforms
     return transforms.Compose([transforms.Lambda(_rgb),
                                transforms.Resize((image_size, image_size), antialias=True),
@@ -208,15 +221,16 @@ def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C and SIGTERM reach the whole process group (and SLURM signals every
-    process), but only the main process may act on them; a worker that died would end the run before
-    last.pth is written."""
+    """In a DataLoader worker: Ctrl-C and SIGTERM reach the whole process group (and SLURM signals
+    every process), but only the main process may act on them; a worker that died would end the run
+    before last.pth is written."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _SeededItems(torch.utils.data.Dataset):
-    """Item (i, seed): sample i of `dataset`, its random transforms seeded by `seed` (None: unseeded)."""
+    """Item (i, seed): sample i of `dataset`, its random transforms seeded by `seed` (None:
+    unseeded)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -228,13 +242,15 @@ class _SeededItems(torch.utils.data.Dataset):
         i, seed = key
         if seed is None:
             return self.dataset[i]
-        with torch.random.fork_rng(devices=[]):  # leaves the process's own stream (dropout) untouched
+        # leaves the process's own stream (dropout) untouched
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[i]
 
 
 class _BatchSampler(torch.utils.data.Sampler):
-    """Yields whatever batches of indices were set last: the epoch's shuffled shard for this process."""
+    """Yields whatever batches of indices were set last: the epoch's shuffled shard for this
+    process."""
 
     def __init__(self):
         self.batches: list[list[int]] = []
@@ -247,8 +263,9 @@ class _BatchSampler(torch.utils.data.Sampler):
 
 
 def eight_bit(img):
-    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit "L";
-    convert() would clip every value above 255 to white. Values that all fit in 8 bits are kept."""
+    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit
+    "L"; convert() would clip every value above 255 to white. Values that all fit in 8 bits are
+    kept."""
     if not img.mode.startswith("I"):
         return img
     import numpy as np
@@ -269,10 +286,10 @@ def _open_rgb(path):
 
 # --------------------------------------------------------------------------------- folder datasets
 
-# A folder split is kept on the device as uint8 (served like MNIST and CIFAR-10, no workers, no PIL per
-# epoch) when its images, decoded at their stored size, take at most this share of the memory free at
-# start-up, both on the host that decodes them and on the device (divided among a node's processes).
-# Larger folders are read through DataLoader workers every epoch.
+# A folder split is kept on the device as uint8 (served like MNIST and CIFAR-10, no workers, no PIL
+# per epoch) when its images, decoded at their stored size, take at most this share of the memory
+# free at start-up, both on the host that decodes them and on the device (divided among a node's
+# processes). Larger folders are read through DataLoader workers every epoch.
 FOLDER_MEMORY_SHARE = 0.25
 
 
@@ -313,8 +330,9 @@ def _probe(path: str):
 
 
 def _check(path: str):
-    """None if the whole file can be decoded, else the reason. Cheaper than decoding: JPEGs are decoded
-    at 1/8 scale (every byte of the stream is still read), PNGs have their chunk checksums verified."""
+    """None if the whole file can be decoded, else the reason. Cheaper than decoding: JPEGs are
+    decoded at 1/8 scale (every byte of the stream is still read), PNGs have their chunk checksums
+    verified."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -330,15 +348,16 @@ def _check(path: str):
 
 
 def _decode(path: str, size: tuple[int, int]):
-    """(uint8 HxWx3 array, None), or (None, reason): the file as the eval transform reads it (RGB, and
-    resized to `size` = (width, height) by the same PIL resize when it has another size)."""
+    """(uint8 HxWx3 array, None), or (None, reason): the file as the eval transform reads it (RGB,
+    and resized to `size` = (width, height) by the same PIL resize when it has another size)."""
     import numpy as np
     from PIL import Image
     try:
         with Image.open(path) as im:
             im = _rgb(im)
         if im.size != size:
-            im = im.resize(size, Image.Resampling.BILINEAR)  # what transforms.Resize does to a PIL image
+            # what transforms.Resize does to a PIL image
+            im = im.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(im), None
     except Exception as e:
         return None, _reason(e, path)
@@ -351,7 +370,8 @@ def _reason(e: Exception, path: str) -> str:
 
 
 def _chunked(fn, items: list, workers: int, desc: str) -> list:
-    """[fn(item) for item in items], by `workers` processes (0: this one), with a progress bar on rank 0."""
+    """[fn(item) for item in items], by `workers` processes (0: this one), with a progress bar on
+    rank 0."""
     from functools import partial
     from tqdm import tqdm
     out = []
@@ -390,8 +410,8 @@ def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
 
 def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device):
     """A folder split, every file checked first: as a DeviceImages when its decoded images fit
-    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers).
-    Unreadable files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
+    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers). Unreadable
+    files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
     import time
     from torchvision import datasets
     t0 = time.perf_counter()
@@ -404,9 +424,10 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     probed = _chunked(_probe, paths, workers, f"checking {split}")
     bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
     sizes = {size for size, _ in probed if size}
-    # One shared size no larger than the network's input is kept as it is (the device upsamples a batch
-    # at a time, where antialiasing changes nothing); larger or mixed sizes are brought to the input size
-    # on decoding, as the DataLoader path's Resize does, so the device never has to shrink an image.
+    # One shared size no larger than the network's input is kept as it is (the device upsamples a
+    # batch at a time, where antialiasing changes nothing); larger or mixed sizes are brought to the
+    # input size on decoding, as the DataLoader path's Resize does, so the device never has to
+    # shrink an image.
     side = c["image_size"]
     w, h = sizes.pop() if len(sizes) == 1 else (side, side)
     if w > side or h > side:
@@ -483,8 +504,9 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None, d
 
 
 class Subset:
-    """Part of a split (DeviceImages or FolderImages), named by the split's own indices: batches(i) hands
-    out the images at positions i of this part, so shuffles, shards and resume work on it unchanged."""
+    """Part of a split (DeviceImages or FolderImages), named by the split's own indices: batches(i)
+    hands out the images at positions i of this part, so shuffles, shards and resume work on it
+    unchanged."""
 
     def __init__(self, data, indices: torch.Tensor):
         self.data = data
@@ -513,9 +535,9 @@ def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor
 
 
 def load_train_val(c: dict, device: torch.device):
-    """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/ uses
-    it as the validation split and the whole of train/; otherwise c["val_fraction"] of the training
-    images are held out (0: none)."""
+    """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/
+    uses it as the validation split and the whole of train/; otherwise c["val_fraction"] of the
+    training images are held out (0: none)."""
     train = load_split(c, True, device)
     if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
         return train, load_split(c, "val", device, classes=train.classes)
@@ -552,7 +574,8 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
 
 
 def split_batches(indices: torch.Tensor, batch_size: int, steps: int | None = None) -> list[torch.Tensor]:
-    """`indices` cut into batches of batch_size; with `steps`, exactly that many, the last one taking the rest."""
+    """`indices` cut into batches of batch_size; with `steps`, exactly that many, the last one
+    taking the rest."""
     if steps is None:
         return list(indices.split(batch_size))
     bounds = [i * batch_size for i in range(steps)] + [len(indices)]

@@ -14,18 +14,22 @@ import torch
 
 from cli import UserError
 
-MAX_MATRIX_CLASSES = 30  # beyond this the confusion matrix is too wide to read: the worst pairs are listed
+# beyond this the confusion matrix is too wide to read: the worst pairs are listed
+MAX_MATRIX_CLASSES = 30
 
 def plot_curves(csv_path, png_path) -> None:
-    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation and test.
+    """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation
+    and test.
 
     Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
     means the backend of whatever program imports this module is left alone. A plot that cannot be
-    drawn (matplotlib missing, unreadable CSV) is a warning on stderr, never the end of a training run.
+    drawn (matplotlib missing, unreadable CSV) is a warning on stderr, never the end of a training
+    run.
     """
     import csv
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}.png")  # train.py deletes stale .*.tmp* files
+    # train.py deletes stale .*.tmp* files
+    tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}.png")
     try:
         from matplotlib.figure import Figure
         with open(csv_path, newline="") as f:
@@ -45,7 +49,8 @@ def plot_curves(csv_path, png_path) -> None:
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
             ax.grid(alpha=0.3)
             ax.legend()
-        if has_val:  # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+        # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+        if has_val:
             best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
             fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
                          f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
@@ -73,7 +78,8 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
     n = len(classes)
     share = (cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
-    side = min(max(4.0, 0.4 * n + 1.4), 16.0)  # at most 1600 px: with many classes a cell is a pixel or less
+    # at most 1600 px: with many classes a cell is a pixel or less
+    side = min(max(4.0, 0.4 * n + 1.4), 16.0)
     fig = Figure(figsize=(side, side * 0.92), dpi=100, layout="constrained")
     ax = fig.subplots()
     # gamma < 1 so that a class confused 1% of the time is already visibly tinted
@@ -97,8 +103,8 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
 
 def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor, classes: list[str],
               path: Path) -> None:
-    """predictions.png: the images as the dataset stores them, each with its predicted and actual label;
-    mistakes get a red caption and a red frame."""
+    """predictions.png: the images as the dataset stores them, each with its predicted and actual
+    label; mistakes get a red caption and a red frame."""
     from matplotlib.figure import Figure
     cols = min(len(indices), max(8, math.ceil(math.sqrt(len(indices)))))
     rows = math.ceil(len(indices) / cols)

@@ -1,21 +1,21 @@
 """Train a hand-written VGG16 (net.py) on MNIST, Fashion-MNIST, CIFAR-10 or your own image folders.
 
-    python train.py                                   # VGG16 on MNIST at 224 px; checkpoints in save_model/
-    python train.py --epochs 3 --dataset cifar10      # any constant below can be overridden like this
-    python train.py --image-size 32 --width-div 4     # a size that trains in minutes on a laptop CPU
-    python train.py --resume                          # continue save_model/last.pth exactly where it stopped
-    torchrun --nproc_per_node=8 train.py              # data-parallel on 8 GPUs (BATCH_SIZE is per process)
-    python train.py --help                            # every option with its default
+    python train.py                                # VGG16 on MNIST at 224 px, saved in save_model/
+    python train.py --epochs 3 --dataset cifar10   # any constant below can be overridden like this
+    python train.py --image-size 32 --width-div 4  # a size that trains in minutes on a laptop CPU
+    python train.py --resume                       # continue save_model/last.pth where it stopped
+    torchrun --nproc_per_node=8 train.py           # data-parallel on 8 GPUs, BATCH_SIZE each
+    python train.py --help                         # every option with its default
 
 Then `python test.py` reloads save_model/best.pth and shows predicted against actual labels.
 """
 
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,68 +32,113 @@ import plots
 from cli import UserError, console
 from net import build_model
 
-# ------------------------------------------------------------------------------------------ hyperparameters
-# Edit these, or override any of them on the command line (python train.py --lr 0.05 --no-batch-norm).
+# ---------------------------------------------------------------------------------- hyperparameters
+# Edit these, or override any of them on the command line: python train.py --lr 0.05 --no-batch-norm
 # data
-DATASET = "mnist"                              # mnist | fashion-mnist | cifar10 | folder (DATA_DIR/train/CLASS/*.jpg and DATA_DIR/test/...)
-DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else ./data)
-IMAGE_SIZE = 224                               # network input side in pixels (>= 32); 28 px digits are upsampled on the device
-AUGMENT = "auto"                               # auto | on | off: random crop (4 px padding), + flip except digits/clothes; auto = on for cifar10/folder
-WORKERS = 4                                    # DataLoader worker processes (folder dataset only; the others live on the device)
-SKIP_BAD_IMAGES = False                        # folder dataset: leave out unreadable image files (else they stop the run)
-VAL_FRACTION = 0.1                             # share of train images held out to choose best.pth (0: none); a folder's val/ wins
+DATASET = "mnist"         # mnist | fashion-mnist | cifar10 | folder (DATA_DIR/train/CLASS/*.jpg and
+                          # DATA_DIR/test/...)
+DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else
+                                               # ./data)
+IMAGE_SIZE = 224          # network input side in pixels (>= 32); 28 px digits are upsampled on the
+                          # device
+AUGMENT = "auto"          # auto | on | off: random crop (4 px padding), + flip except
+                          # digits/clothes; auto = on for cifar10/folder
+WORKERS = 4               # DataLoader worker processes (folder dataset only; the others live on the
+                          # device)
+SKIP_BAD_IMAGES = False   # folder dataset: leave out unreadable image files (else they stop the
+                          # run)
+VAL_FRACTION = 0.1        # share of train images held out to choose best.pth (0: none); a folder's
+                          # val/ wins
 # model
-DEPTH = 16                                     # VGG depth: 11 | 13 | 16 | 19
-WIDTH_DIV = 1                                  # divide every channel count by this (4 = a 'small VGG' for CPUs)
-BATCH_NORM = True                              # BatchNorm after each convolution; trains reliably from scratch
-DROPOUT = 0.5                                  # dropout probability in the classifier
+DEPTH = 16                # VGG depth: 11 | 13 | 16 | 19
+WIDTH_DIV = 1             # divide every channel count by this (4 = a 'small VGG' for CPUs)
+BATCH_NORM = True         # BatchNorm after each convolution; trains reliably from scratch
+DROPOUT = 0.5             # dropout probability in the classifier
 # optim
-EPOCHS = 10                                    # passes over the training set
-BATCH_SIZE = 128                               # images per step, per process
-OPTIMIZER = "sgd"                              # sgd (with momentum) | adamw
-LR = 0.02                                      # peak learning rate (for BATCH_SIZE 128 on one process)
-MOMENTUM = 0.9                                 # SGD momentum (AdamW: beta1)
-WEIGHT_DECAY = 5e-4                            # L2 penalty, applied by the optimizer
-SCHEDULE = "cosine"                            # cosine | step | constant; the learning rate is updated after every step
-WARMUP_EPOCHS = 0.0                            # linear warm-up from 0 over this many epochs (fractions allowed)
-STEP_EPOCHS = 30                               # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
-STEP_GAMMA = 0.1                               # step schedule: the factor
+EPOCHS = 10               # passes over the training set
+BATCH_SIZE = 128          # images per step, per process
+OPTIMIZER = "sgd"         # sgd (with momentum) | adamw
+LR = 0.02                 # peak learning rate (for BATCH_SIZE 128 on one process)
+MOMENTUM = 0.9            # SGD momentum (AdamW: beta1)
+WEIGHT_DECAY = 5e-4       # L2 penalty, applied by the optimizer
+SCHEDULE = "cosine"       # cosine | step | constant; the learning rate is updated after every step
+WARMUP_EPOCHS = 0.0       # linear warm-up from 0 over this many epochs (fractions allowed)
+STEP_EPOCHS = 30          # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
+STEP_GAMMA = 0.1          # step schedule: the factor
 # system
-DEVICE = "auto"                                # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
-AMP = "auto"                                   # auto | bf16 | fp16 | off: mixed precision (auto: bf16 where supported, fp16 on older GPUs)
-COMPILE = False                                # torch.compile the model (faster on recent GPUs after a minute of compiling)
-SEED = 0                                       # seeds the weights, the shuffles and the augmentation
-SAVE_DIR = "save_model"                        # where checkpoints, metrics.csv and curves.png go
-KEEP = 3                                       # how many epoch_NNN.pth to keep (each is about 530 MB for VGG16); 0 keeps all
-SAVE_EVERY_MINUTES = 0.0                       # also write last.pth inside an epoch this often (0 = only at epoch ends)
-LOG_EVERY = 50                                 # steps between progress-bar updates (each costs one device sync)
-# ---------------------------------------------------------------------------------------------------------
+DEVICE = "auto"           # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
+AMP = "auto"              # auto | bf16 | fp16 | off: mixed precision (auto: bf16 where supported,
+                          # fp16 on older GPUs)
+COMPILE = False           # torch.compile the model (faster on recent GPUs after a minute of
+                          # compiling)
+SEED = 0                  # seeds the weights, the shuffles and the augmentation
+SAVE_DIR = "save_model"   # where checkpoints, metrics.csv and curves.png go
+KEEP = 3                  # how many epoch_NNN.pth to keep (each is about 530 MB for VGG16); 0 keeps
+                          # all
+SAVE_EVERY_MINUTES = 0.0  # also write last.pth inside an epoch this often (0 = only at epoch ends)
+LOG_EVERY = 50            # steps between progress-bar updates (each costs one device sync)
+# --------------------------------------------------------------------------------------------------
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
 
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
-RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep", "save_every_minutes",
-                "log_every", "epochs", "skip_bad_images")
+RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep",
+                "save_every_minutes", "log_every", "epochs", "skip_bad_images")
 
 
 class Diverged(Exception):
-    pass
+    """The loss or the weights are no longer finite: run() says where in one line, and exits 3."""
 
 
-class StopSignals:
-    """SIGINT/SIGTERM ask the loop to finish its step, write last.pth and exit.
+@dataclass
+class EpochTotals:
+    """Sums over the images of an epoch so far; divided by `images` only when shown, so loss and
+    accuracy are over the whole split, not averaged per batch. A checkpoint stores them as the list
+    [loss, correct, images] ("partial")."""
+    loss: float = 0.0     # summed cross-entropy
+    correct: float = 0.0  # images predicted right
+    images: float = 0.0   # images seen
 
-    The handler stays installed for repeated signals: torchrun forwards SIGTERM (and SIGINT) to each
-    process group while SLURM or a terminal's Ctrl-C also reach every process directly, so a second signal
-    comes at once and must not kill the save. Only a second Ctrl-C in a plain run stops at once
-    (KeyboardInterrupt, which run() reports in one line)."""
+    def __add__(self, other: "EpochTotals") -> "EpochTotals":
+        return EpochTotals(self.loss + other.loss, self.correct + other.correct,
+                           self.images + other.images)
+
+    def as_list(self) -> list[float]:
+        return [self.loss, self.correct, self.images]
+
+    def summed(self, device: torch.device, distributed: bool) -> "EpochTotals":
+        """The totals of all processes (each saw its own shard)."""
+        return EpochTotals(*devices.sum_across(self.as_list(), device, distributed))
+
+
+class Preemption:
+    """When the loop stops or saves inside an epoch: SIGINT/SIGTERM ask it to finish its step, write
+    last.pth and exit; SAVE_EVERY_MINUTES asks it to write last.pth and go on.
+
+    The handler stays installed for repeated signals: torchrun forwards SIGTERM (and SIGINT) to
+    each process group while SLURM or a terminal's Ctrl-C also reach every process directly, so a
+    second signal comes at once and must not kill the save. Only a second Ctrl-C in a plain run
+    stops at once (KeyboardInterrupt, which run() reports in one line).
+
+    Every process must take the same decision at the same step, since saving gathers all of their
+    random states, and a process that stopped or raised alone would leave the others waiting in a
+    collective. A plain run decides at every step. Processes agree by one small all-reduce (each
+    one a device sync) at log steps, at the epoch's last step, and often enough in between that a
+    stop is taken within agree_seconds; the interval comes from the slowest process's step time,
+    reduced with the flags, so all processes compute the same one."""
 
     # Under torchrun the processes agree on stopping at least this often (torchrun's grace is 30 s).
     agree_seconds = 5.0
 
-    def __init__(self, distributed: bool):
+    def __init__(self, distributed: bool, save_every_minutes: float = 0.0, log_every: int = 1,
+                 device: torch.device | None = None):
         self.signal: int | None = None
         self.distributed = distributed
+        self.save_seconds = 60 * save_every_minutes
+        self.log_every = log_every
+        self.device = device
+        self.last_save = self.last_agreement = time.monotonic()
+        self.steps_since_agreement, self.agree_every = 0, 1
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self)
@@ -104,11 +149,45 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signal = self.signal or signum
 
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def poll(self, epoch: int, step: int, steps_per_epoch: int,
+             first_bad: torch.Tensor) -> tuple[bool, bool]:
+        """(stop now, save now) after `step` steps of epoch `epoch` (counted from 0). first_bad:
+        this process's first step with a non-finite loss, or -1; under torchrun any process's is
+        Diverged."""
+        save_due = self.save_seconds > 0 and time.monotonic() - self.last_save >= self.save_seconds
+        if not self.distributed:
+            return self.signal is not None, save_due
+        self.steps_since_agreement += 1
+        due = self.steps_since_agreement >= self.agree_every
+        if not due and step % self.log_every and step != steps_per_epoch:
+            return False, False
+        now = time.monotonic()
+        bad = int(first_bad)
+        # float32 (HCCL has no float64); a bad step is sent as steps_per_epoch - step, so MAX finds
+        # the first.
+        step_seconds = (now - self.last_agreement) / self.steps_since_agreement
+        bad_flag = steps_per_epoch - bad if bad >= 0 else 0
+        flags = torch.tensor([self.signal or 0, save_due, bad_flag, step_seconds],
+                             dtype=torch.float32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, save, bad, step_seconds = flags.tolist()
+        every = int(self.agree_seconds / max(step_seconds, 1e-6))
+        self.steps_since_agreement, self.last_agreement = 0, now
+        self.agree_every = max(1, min(self.log_every, every))
+        if bad:  # on every process at once, so none waits in a collective for one that stopped
+            raise Diverged(f"epoch {epoch + 1}, step {steps_per_epoch - int(bad) + 1}")
+        self.signal = int(signum) or None
+        return bool(signum), bool(save)
+
 
 def extra_options(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pth")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run even though SAVE_DIR already holds one (its files are replaced)")
+                        help="start a new run even though SAVE_DIR already holds one (its files "
+                             "are replaced)")
 
 
 def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
@@ -116,7 +195,8 @@ def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
     # official recipes' --norm-weight-decay 0).
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": c["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": c["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
     lr = effective_lr(c, world)
     if c["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999))
@@ -124,13 +204,15 @@ def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
 
 
 def effective_lr(c: dict, world: int) -> float:
-    """LR is the rate for one process's BATCH_SIZE images; `world` processes step on world times as many,
-    so the rate grows with them (the linear scaling rule; a warm-up helps at large batches)."""
+    """LR is the rate for one process's BATCH_SIZE images; `world` processes step on world times as
+    many, so the rate grows with them (the linear scaling rule; a warm-up helps at large
+    batches)."""
     return c["lr"] * world
 
 
 def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
-    """A factor on the learning rate, per optimizer step: linear warm-up, then cosine, step or constant."""
+    """A factor on the learning rate per optimizer step: linear warm-up, then cosine, step or
+    constant. The loop steps it after the optimizer, so step k trains at LR * factor(k)."""
     total = c["epochs"] * steps_per_epoch
     warmup = round(c["warmup_epochs"] * steps_per_epoch)
 
@@ -138,7 +220,8 @@ def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
         if step < warmup:
             return (step + 1) / warmup
         if c["schedule"] == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
         if c["schedule"] == "step":
             return c["step_gamma"] ** (step // (c["step_epochs"] * steps_per_epoch))
         return 1.0
@@ -148,7 +231,8 @@ def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
 
 def merge_resumed_config(stored: dict, given: dict, typed: set, log) -> dict:
     """The checkpoint's settings, so the run continues as it began, except:
-    run-time settings (device, data folder, ...) which follow this invocation, and --epochs when typed.
+    the run-time settings (device, data folder, ...), which follow this invocation, and a typed
+    --epochs.
     Each typed value that differs from the checkpoint is reported with the value that is used."""
     merged = dict(stored)
     for key, value in given.items():
@@ -157,12 +241,220 @@ def merge_resumed_config(stored: dict, given: dict, typed: set, log) -> dict:
         if key in typed and key in stored and stored[key] != value:
             flag = "--" + key.replace("_", "-")
             used = "this value" if merged[key] == value else f"the checkpoint's {stored[key]!r}"
-            log(f"resume: {flag} {value!r} differs from the checkpoint's {stored[key]!r}: using {used}")
+            log(f"resume: {flag} {value!r} differs from the checkpoint's {stored[key]!r}: "
+                f"using {used}")
     return merged
 
 
+# ---------------------------------------------------------------------------------- the run's state
+
+@dataclass
+class Run:
+    """What stays fixed during a run, on this process."""
+    config: dict
+    classes: list[str]
+    device: torch.device
+    amp: torch.dtype | None
+    rank: int = 0
+    world: int = 1
+    steps_per_epoch: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.config["save_dir"])
+
+    @property
+    def last_path(self) -> Path:
+        return self.save_dir / "last.pth"
+
+    def log(self, *args, **kwargs) -> None:
+        """Progress lines, from rank 0 only."""
+        if self.master:
+            console(*args, **kwargs)
+
+
+@dataclass
+class TrainingState:
+    """Everything a step changes, and where the run stands: what last.pth saves and --resume
+    restores."""
+    model: torch.nn.Module  # the plain network (not wrapped by DDP or torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    aug_gen: torch.Generator  # the augmentation's random stream
+    epoch: int = 0            # epochs completed
+    step: int = 0             # steps done in the next epoch
+    best_acc: float = 0.0     # the best validation accuracy so far
+    # The totals of the steps done in the next epoch (rank 0: over all processes, as in last.pth)
+    partial: EpochTotals = field(default_factory=EpochTotals)
+
+    def checkpoint(self, run: Run, epoch: int, step: int, partial: EpochTotals) -> dict:
+        """The full training state as last.pth holds it. epoch/step: epochs completed, and steps
+        done in the next one; partial: this process's totals so far in that epoch (summed here over
+        all processes). Every process must call this: it gathers their random states."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} "
+                           "(the weights are no longer finite)")
+        partial = partial.summed(run.device, run.distributed)
+        rng = devices.random_state(run.device, self.aug_gen)
+        rngs = [None] * run.world
+        if run.distributed:
+            # each process has its own dropout and augmentation streams
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        return {"model": checkpoints.model_state(self.model),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
+                "best_acc": self.best_acc, "config": run.config, "classes": run.classes,
+                "world": run.world, "rng": rngs, "partial": partial.as_list()}
+
+
+def build_state(run: Run, ckpt: dict | None) -> TrainingState:
+    """Model, optimizer, schedule, loss scaler and augmentation stream: fresh (the same initial
+    weights on every process), or where last.pth left them."""
+    c, device, world, rank = run.config, run.device, run.world, run.rank
+    torch.manual_seed(c["seed"])
+    model = build_model(c, len(run.classes)).to(device)
+    if device.type in ("cuda", "cpu"):
+        # faster convolutions on both (measured on the CPU)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, c, world)
+    scheduler = make_scheduler(optimizer, c, run.steps_per_epoch)
+    # fp16 needs loss scaling, bf16 not
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
+    torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
+    aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
+    state = TrainingState(model, optimizer, scheduler, scaler, aug_gen)
+    if ckpt is None:
+        return state
+    checkpoints.load_model_state(model, ckpt["model"], run.last_path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
+        scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.step, state.best_acc = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc", 0.0)
+    if run.master:  # the checkpoint holds the epoch's sums over all processes
+        state.partial = EpochTotals(*ckpt["partial"])
+    ckpt_world = ckpt.get("world", 1)
+    if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
+        moved = devices.restore_random_state(ckpt["rng"][rank], device, aug_gen)
+        if moved:
+            run.log(moved)
+            if state.step and "augmentation" in moved:  # else the epoch's start seeds it
+                aug_gen.manual_seed(imagedata.augmentation_seed(c["seed"], state.epoch, rank))
+    else:
+        # Fewer or more processes mean more or fewer steps per epoch: go on from the same share of
+        # the epoch, and put the schedule at the matching step.
+        state.step = min(run.steps_per_epoch, state.step * ckpt_world // world)
+        scheduler.last_epoch = state.epoch * run.steps_per_epoch + state.step
+        # the rate of the new global batch
+        scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["initial_lr"] = base
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        run.log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule "
+                f"is rescaled (learning rate {effective_lr(c, world):g} for the global batch of "
+                f"{c['batch_size'] * world})"
+                f"{', the rest of the epoch re-sharded' if state.step else ''} "
+                "and the random streams start afresh")
+    return state
+
+
+# ---------------------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: int,
+                    preemption: Preemption, save, warn_slow: bool = False) -> EpochTotals:
+    """The steps of epoch `epoch` (counted from 0) from state.step on; returns this process's totals
+    over the whole epoch (those before a mid-epoch resume included). save(ckpt) writes last.pth."""
+    c, device, steps_per_epoch = run.config, run.device, run.steps_per_epoch
+    start_step = state.step
+    indices = imagedata.shard_indices(len(data), c["seed"], epoch, run.rank, run.world)
+    if start_step == 0:
+        state.aug_gen.manual_seed(imagedata.augmentation_seed(c["seed"], epoch, run.rank))
+        state.partial = EpochTotals()
+    batches = data.batches(indices[start_step * c["batch_size"]:], c["batch_size"],
+                           imagedata.augment_enabled(c), state.aug_gen,
+                           steps=steps_per_epoch - start_step)
+    # Running sums stay on the device: no host sync until a log step.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    # the first step with a non-finite loss
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    seen = 0
+    bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
+               disable=not run.master, dynamic_ncols=True, leave=False,
+               file=cli.QuietStream(sys.stderr))
+    t_log, seen_log, first_steps = time.perf_counter(), 0, []
+    step = start_step
+    model = state.model
+    model.train()
+    for x, y in batches:
+        with devices.autocast(device, run.amp):
+            logits = train_model(x)
+            loss = F.cross_entropy(logits, y)
+        scaler = state.scaler
+        scaler.scale(loss).backward()
+        scaler.step(state.optimizer)
+        scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()  # after the optimizer step: the rate of the step to come
+        loss_sum += loss.detach().float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        seen += len(y)
+        step += 1
+        bar.update()
+        if warn_slow and step - start_step in (1, 2):  # step 1 includes warm-up
+            first_steps.append(time.perf_counter())
+            warning = len(first_steps) == 2 and devices.slow_epoch_warning(
+                device, first_steps[1] - first_steps[0], steps_per_epoch)
+            if warning:
+                bar.write(warning, file=sys.stderr)
+        stopping, save_now = preemption.poll(epoch, step, steps_per_epoch, first_bad)
+        if step % c["log_every"] == 0 or save_now or stopping:
+            if int(first_bad) >= 0:
+                raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
+            now = time.perf_counter()
+            so_far = state.partial + EpochTotals(float(loss_sum), int(correct), seen)
+            bar.set_postfix(loss=f"{so_far.loss / so_far.images:.4f}",
+                            acc=f"{so_far.correct / so_far.images:.2%}",
+                            img_s=f"{(seen - seen_log) * run.world / (now - t_log):.0f}")
+            t_log, seen_log = now, seen
+        if save_now or stopping:
+            so_far = state.partial + EpochTotals(float(loss_sum), int(correct), seen)
+            save(state.checkpoint(run, epoch, step, so_far))
+            preemption.saved()
+            if stopping:
+                if run.distributed:
+                    # torchrun ends the group when one process exits: not before the save
+                    dist.barrier()
+                bar.close()
+                name = signal.Signals(preemption.signal).name
+                run.log(f"stopped by {name} at epoch {epoch + 1}, step {step}; saved "
+                        f"{run.last_path}; continue with: python train.py --resume",
+                        file=sys.stderr)
+                sys.exit(128 + preemption.signal)
+    bar.close()
+    if int(first_bad) >= 0:
+        raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
+    state.step = 0
+    return state.partial + EpochTotals(float(loss_sum), int(correct), seen)
+
+
 @torch.inference_mode()
-def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1) -> tuple[float, float]:
+def evaluate(model, data, batch_size: int, device, amp, rank: int = 0,
+             world: int = 1) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
@@ -177,70 +469,34 @@ def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: in
     return loss_sum / len(data), correct / len(data)
 
 
-def main() -> None:
-    config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], extra=extra_options)
-    cli.check_config(config)
-    rank, world, local_rank = devices.setup_distributed()
-    distributed, master = world > 1, rank == 0
-    log = console if master else (lambda *a, **k: None)
-    save_dir = Path(config["save_dir"])
-    last_path = save_dir / "last.pth"
-    if master:
-        checkpoints.lock_save_dir(save_dir)
+# ---------------------------------------------------------------------------------------- the run
 
-    # ---- resume or start: decided before anything is written
-    ckpt = None
+def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
+    """(the run's settings, last.pth or None): decided before anything in SAVE_DIR is written."""
+    last_path = Path(config["save_dir"]) / "last.pth"
     if args.resume:
         ckpt = checkpoints.load(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
-        ckpt["config"].setdefault("val_fraction", 0.0)  # a run begun before validation splits used all images
+        # a run begun before validation splits used all images
+        ckpt["config"].setdefault("val_fraction", 0.0)
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         cli.check_config(config)
-    elif not args.overwrite and (found := checkpoints.previous_run_files(save_dir)):
+        return config, ckpt
+    if not args.overwrite and (found := checkpoints.previous_run_files(last_path.parent)):
         if last_path.exists():
-            raise UserError(f"{last_path} already holds a run: continue it with --resume, start over with "
-                            "--overwrite, or pick another --save-dir")
+            raise UserError(f"{last_path} already holds a run: continue it with --resume, start "
+                            "over with --overwrite, or pick another --save-dir")
         names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise UserError(f"{save_dir} already holds a run ({names}) without a last.pth to continue it from: "
-                        "start over with --overwrite, or pick another --save-dir")
-    c = config
-    if master:
-        checkpoints.check_writable(save_dir)
-        for stale in save_dir.glob(".*.tmp*"):  # left by a save that was killed; never renamed into place
-            stale.unlink(missing_ok=True)
-        if ckpt is not None:
-            checkpoints.truncate_metrics(save_dir / "metrics.csv", ckpt["epoch"])
-            if not checkpoints.restore_best(save_dir, ckpt, log):
-                ckpt["best_acc"] = 0.0  # so that the next epoch writes best.pth again
+        raise UserError(f"{last_path.parent} already holds a run ({names}) without a last.pth to "
+                        "continue it from: start over with --overwrite, or pick another --save-dir")
+    return config, None
 
-    # ---- device, precision, processes
-    device = devices.pick_device(c["device"], local_rank)
-    if distributed:
-        if ":" in c["device"]:
-            raise UserError(f"--device {c['device']}: under torchrun each process takes the device of its "
-                            "LOCAL_RANK; use --device cuda, npu or cpu (or auto)")
-        if device.type == "mps":
-            raise UserError("torchrun runs on CUDA, NPU or CPU devices (not Apple MPS): use --device cpu")
-        if device.type in ("cuda", "npu"):
-            count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()
-            if local_rank >= count:
-                raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this node "
-                                f"but it has {count} {device.type.upper()} device(s): use --nproc_per_node={count}")
-            getattr(torch, device.type).set_device(device)
-        backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
-        dist.init_process_group(backend)
-    devices.use_device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest convolutions
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp, amp_reason = devices.amp_choice(device, c["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling, bf16 not
 
-    # ---- data
+def load_data(c: dict, device: torch.device, world: int, ckpt: dict | None):
+    """(train, validation or None, test) splits, checked against the run: two classes at least, the
+    classes the checkpoint was trained on, an image for every process."""
     train_data, val_data = imagedata.load_train_val(c, device)
-    has_val = val_data is not None
     test_data = imagedata.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     if len(classes) < 2:
@@ -248,273 +504,163 @@ def main() -> None:
                         "a classifier needs at least 2")
     if ckpt is not None and list(ckpt["classes"]) != list(classes):
         shown = lambda names: f"{list(names)[:10]}{' ...' if len(names) > 10 else ''}"  # noqa: E731
-        raise UserError(f"{c['data_dir']} has classes {shown(classes)}, but {last_path} was trained on "
+        raise UserError(f"{c['data_dir']} has classes {shown(classes)}, but "
+                        f"{Path(c['save_dir']) / 'last.pth'} was trained on "
                         f"{shown(ckpt['classes'])}: resume with the data the run began with")
-    augment = imagedata.augment_enabled(c)
     if len(train_data) < world:
-        raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} processes")
-    steps_per_epoch = imagedata.steps_per_epoch(len(train_data), c["batch_size"], world)
+        raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} "
+                        "processes")
+    return train_data, val_data, test_data
 
-    # ---- model and optimizer (same seed on every process: identical initial weights)
-    torch.manual_seed(c["seed"])
-    model = build_model(c, len(classes)).to(device)
-    if device.type in ("cuda", "cpu"):
-        model = model.to(memory_format=torch.channels_last)  # faster convolutions on both (measured on CPU)
-    optimizer = make_optimizer(model, c, world)
-    scheduler = make_scheduler(optimizer, c, steps_per_epoch)
-    start_epoch, start_step, best_acc = 0, 0, 0.0
-    partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch before a mid-epoch resume (rank 0: all processes')
-    torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
-    aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
-    if ckpt is not None:
-        checkpoints.load_model_state(model, ckpt["model"], last_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc", 0.0)
-        if master:  # the checkpoint holds the epoch's sums over all processes
-            partial = ckpt["partial"]
-        ckpt_world = ckpt.get("world", 1)
-        if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
-            moved = devices.restore_random_state(ckpt["rng"][rank], device, aug_gen)
-            if moved:
-                log(moved)
-                if start_step and "augmentation" in moved:  # else the epoch's start seeds it
-                    aug_gen.manual_seed(c["seed"] * 1_000_003 + start_epoch * 1_009 + rank)
-        else:
-            # Fewer or more processes mean more or fewer steps per epoch: go on from the same share of
-            # the epoch, and put the schedule at the matching step.
-            start_step = min(steps_per_epoch, start_step * ckpt_world // world)
-            scheduler.last_epoch = start_epoch * steps_per_epoch + start_step
-            # the rate of the new global batch
-            scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["initial_lr"] = base
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(scheduler.last_epoch)
-            log(f"resume: the run had {ckpt_world} process(es) and now has {world}: the schedule is rescaled"
-                f" (learning rate {effective_lr(c, world):g} for the global batch of "
-                f"{c['batch_size'] * world})"
-                f"{', the rest of the epoch re-sharded' if start_step else ''} and the random streams start afresh")
-        log(f"resumed {last_path}: epoch {start_epoch + 1}, step {start_step}"
-            f"{f', best validation accuracy {best_acc:.2%}' if has_val else ''}")
-    ckpt_epoch = None if ckpt is None else ckpt["epoch"]
-    del ckpt
-    raw_model = model
-    if distributed:
-        model = DDP(model, device_ids=[device.index] if device.type in ("cuda", "npu") else None)
-    train_model = torch.compile(model) if c["compile"] else model
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    current_run.update(config=c, device=device, amp=amp, classes=len(classes))  # for out_of_memory_message
-    lr_note = f" (LR {c['lr']:g} x {world} processes)" if distributed else ""
-    log(f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: {n_params:,} parameters | "
-        f"{c['dataset']} {len(train_data):,} train / {len(val_data) if has_val else 0:,} validation / "
-        f"{len(test_data):,} test at {c['image_size']} px | "
-        f"device {device}{f' x {world} processes' if distributed else ''}, "
-        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'} ({amp_reason}) | "
-        f"lr {effective_lr(c, world):g}{lr_note}, "
-        f"global batch {c['batch_size'] * world}")
+def save_last(run: Run, old_run: checkpoints.OldRun, ckpt: dict) -> None:
+    """last.pth, from rank 0 (--overwrite: the previous run goes at this first save)."""
+    if run.master:
+        old_run.before_save()
+        checkpoints.save(ckpt, run.last_path)
+        old_run.after_save(run.log)
 
-    def checkpoint(epoch: int, step: int, partial: list[float]) -> dict:
-        """The full training state. epoch/step: epochs completed, and steps done in the next one;
-        partial: this process's loss sum, correct count and images so far in that epoch (summed here
-        over all processes). Every process must call this: it gathers their random states."""
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-            raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} (the weights are no longer finite)")
-        partial = devices.sum_across(partial, device, distributed)
-        rng = devices.random_state(device, aug_gen)
-        rngs = [None] * world
-        if distributed:
-            dist.all_gather_object(rngs, rng)  # each process has its own dropout and augmentation streams
-        else:
-            rngs = [rng]
-        return {"model": checkpoints.model_state(raw_model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                "best_acc": best_acc, "config": c, "classes": classes, "world": world, "rng": rngs,
-                "partial": partial}
 
-    # ---- Ctrl-C / SIGTERM: finish the step, write last.pth, exit; a second Ctrl-C stops at once
-    stop = StopSignals(distributed)
-    stop.install()
-
-    # Every process must take the same decision at the same step, since saving gathers all of their
-    # random states, and a process that stopped or raised alone would leave the others waiting in a
-    # collective. A plain run decides at every step. Processes agree by one small all-reduce (each
-    # one a device sync) at log steps, at the epoch's last step, and often enough in between that a
-    # stop is taken within StopSignals.agree_seconds; the interval comes from the slowest process's
-    # step time, reduced with the flags, so all processes compute the same one.
-    agreement = {"since": 0, "every": 1, "time": time.monotonic()}
-
-    def stop_or_save(step: int, first_bad: torch.Tensor) -> tuple[bool, bool]:
-        save_due = c["save_every_minutes"] > 0 and time.monotonic() - last_save >= 60 * c["save_every_minutes"]
-        if not distributed:
-            return stop.signal is not None, save_due
-        agreement["since"] += 1
-        if agreement["since"] < agreement["every"] and step % c["log_every"] and step != steps_per_epoch:
-            return False, False
-        now = time.monotonic()
-        bad = int(first_bad)
-        # float32 (HCCL has no float64); a bad step is sent as steps_per_epoch - step, so MAX finds the first.
-        step_seconds = (now - agreement["time"]) / agreement["since"]
-        bad_flag = steps_per_epoch - bad if bad >= 0 else 0
-        flags = torch.tensor([stop.signal or 0, save_due, bad_flag, step_seconds], dtype=torch.float32, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, save, bad, step_seconds = flags.tolist()
-        every = int(stop.agree_seconds / max(step_seconds, 1e-6))
-        agreement.update(since=0, time=now, every=max(1, min(c["log_every"], every)))
-        if bad:  # on every process at once, so none waits in a collective for one that stopped
-            raise Diverged(f"epoch {epoch + 1}, step {steps_per_epoch - int(bad) + 1}")
-        stop.signal = int(signum) or None
-        return bool(signum), bool(save)
-
-    # ---- training
-    # --overwrite: the old run goes only at the new one's first save, so a new run that fails before it
-    # (a bad file, a loss that diverges, a Ctrl-C) never costs the old one.
-    replace_old = master and args.overwrite and ckpt_epoch is None
-
-    def first_save(before: bool) -> None:
-        nonlocal replace_old, replaced
-        if not replace_old:
-            return
-        if before:
-            replaced = checkpoints.set_aside_old_run(save_dir)
-            return
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-            log(f"--overwrite: removed the previous run's files from {save_dir}")
-        replace_old = False
-
-    replaced = None
-    last_save = time.monotonic()
-    first_steps = []  # when the first two steps of this invocation ended
-    for epoch in range(start_epoch, c["epochs"]):
-        t0 = time.perf_counter()
-        model.train()
-        indices = imagedata.shard_indices(len(train_data), c["seed"], epoch, rank, world)
-        if start_step == 0:
-            aug_gen.manual_seed(c["seed"] * 1_000_003 + epoch * 1_009 + rank)
-            partial = [0.0, 0.0, 0.0]
-        batches = train_data.batches(indices[start_step * c["batch_size"]:], c["batch_size"], augment, aug_gen,
-                                     steps=steps_per_epoch - start_step)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-        seen = 0
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{c['epochs']}",
-                   disable=not master, dynamic_ncols=True, leave=False, file=cli.QuietStream(sys.stderr))
-        t_log, seen_log = time.perf_counter(), 0
-        step = start_step
-        for x, y in batches:
-            with devices.autocast(device, amp):
-                logits = train_model(x)
-                loss = F.cross_entropy(logits, y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            # Running sums stay on the device: no host sync until a log step.
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            seen += len(y)
-            step += 1
-            bar.update()
-            if master and epoch == start_epoch and step - start_step in (1, 2):  # step 1 includes warm-up
-                first_steps.append(time.perf_counter())
-                warning = len(first_steps) == 2 and devices.slow_epoch_warning(
-                    device, first_steps[1] - first_steps[0], steps_per_epoch)
-                if warning:
-                    bar.write(warning, file=sys.stderr)
-            stopping, save_now = stop_or_save(step, first_bad)
-            if step % c["log_every"] == 0 or save_now or stopping:
-                if int(first_bad) >= 0:
-                    raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
-                now = time.perf_counter()
-                done = seen + partial[2]
-                bar.set_postfix(loss=f"{(float(loss_sum) + partial[0]) / done:.4f}",
-                                acc=f"{(int(correct) + partial[1]) / done:.2%}",
-                                img_s=f"{(seen - seen_log) * world / (now - t_log):.0f}")
-                t_log, seen_log = now, seen
-            if save_now or stopping:
-                state = checkpoint(epoch, step, [partial[0] + float(loss_sum), partial[1] + int(correct),
-                                                 partial[2] + seen])
-                if master:
-                    first_save(before=True)
-                    checkpoints.save(state, last_path)
-                    first_save(before=False)
-                last_save = time.monotonic()
-                if stopping and distributed:
-                    dist.barrier()  # torchrun ends the group when one process exits: not before the save
-                if stopping:
-                    bar.close()
-                    log(f"stopped by {signal.Signals(stop.signal).name} at epoch {epoch + 1}, step {step}; "
-                        f"saved {last_path}; continue with: python train.py --resume", file=sys.stderr)
-                    sys.exit(128 + stop.signal)
-        bar.close()
-        if int(first_bad) >= 0:
-            raise Diverged(f"epoch {epoch + 1}, step {int(first_bad) + 1}")
-        start_step = 0
-
-        # ---- end of epoch: totals over the whole split, test accuracy, checkpoints
-        train_loss, train_correct, train_seen = devices.sum_across(
-            [partial[0] + float(loss_sum), partial[1] + int(correct), partial[2] + seen], device, distributed)
-        if distributed:  # each process's BatchNorm statistics saw only its own batches: take rank 0's, as
-            for buf in raw_model.buffers():  # DDP does before each forward, so all evaluate (and save) one model
-                dist.broadcast(buf, 0)
-        val_loss, val_acc = (evaluate(raw_model, val_data, 2 * c["batch_size"], device, amp, rank, world)
-                             if has_val else (math.nan, math.nan))
-        # The test split is only reported: choosing the epoch on it would make its accuracy a biased maximum.
-        test_loss, test_acc = evaluate(raw_model, test_data, 2 * c["batch_size"], device, amp, rank, world)
-        seconds = time.perf_counter() - t0
-        lr = optimizer.param_groups[0]["lr"]
-        is_best = not has_val or epoch == 0 or val_acc > best_acc
-        if has_val:
-            best_acc = max(best_acc, val_acc) if epoch else val_acc
-        state = checkpoint(epoch + 1, 0, [0.0, 0.0, 0.0])
-        if master:
-            # The epoch's weights first, so a full disk at the metrics write cannot cost them; last.pth
-            # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
-            # written here is dropped again (see truncate_metrics).
-            first_save(before=True)
-            weights = {k: state[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
-                "test_acc": test_acc, "val_acc": val_acc if has_val else None}
-            checkpoints.save(weights, save_dir / f"epoch_{epoch + 1:03d}.pth")
-            if is_best:
-                checkpoints.save(weights, save_dir / "best.pth")
-            checkpoints.append_metrics(save_dir / "metrics.csv", dict(zip(checkpoints.METRICS_FIELDS, [
-                epoch + 1, f"{train_loss / train_seen:.6f}", f"{train_correct / train_seen:.6f}",
-                f"{test_loss:.6f}", f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}",
-                f"{train_seen / seconds:.1f}", f"{val_loss:.6f}" if has_val else "",
-                f"{val_acc:.6f}" if has_val else ""])))
-            plots.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
-            checkpoints.save(state, last_path)
-            first_save(before=False)
-            checkpoints.rotate(save_dir, c["keep"])
-            last_save = time.monotonic()
-        log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss / train_seen:.4f} acc "
-            f"{train_correct / train_seen:.2%} | "
+def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, epoch: int,
+                 totals: EpochTotals, val_data, test_data, t0: float) -> dict:
+    """Validation and test accuracy of the epoch's weights; then epoch_NNN.pth, best.pth,
+    metrics.csv, curves.png and last.pth, and the epoch's line. Returns the epoch's results."""
+    c, device, amp = run.config, run.device, run.amp
+    if run.distributed:  # each process's BatchNorm statistics saw only its own batches: take rank
+        for buf in state.model.buffers():  # 0's, as DDP does before each forward, so all evaluate
+            dist.broadcast(buf, 0)         # (and save) one model
+    has_val = val_data is not None
+    batch = 2 * c["batch_size"]
+    val_loss, val_acc = (evaluate(state.model, val_data, batch, device, amp, run.rank, run.world)
+                         if has_val else (math.nan, math.nan))
+    # The test split is only reported: choosing the epoch on it would make its accuracy a biased
+    # maximum.
+    test_loss, test_acc = evaluate(state.model, test_data, batch, device, amp, run.rank, run.world)
+    seconds = time.perf_counter() - t0
+    lr = state.optimizer.param_groups[0]["lr"]
+    is_best = not has_val or epoch == 0 or val_acc > state.best_acc
+    if has_val:
+        state.best_acc = max(state.best_acc, val_acc) if epoch else val_acc
+    state.epoch = epoch + 1
+    ckpt = state.checkpoint(run, epoch + 1, 0, EpochTotals())
+    train_loss, train_acc = totals.loss / totals.images, totals.correct / totals.images
+    if run.master:
+        # The epoch's weights first, so a full disk at the metrics write cannot cost them; last.pth
+        # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
+        # written here is dropped again (see truncate_metrics).
+        old_run.before_save()
+        weights = {k: ckpt[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
+            "test_acc": test_acc, "val_acc": val_acc if has_val else None}
+        checkpoints.save(weights, run.save_dir / f"epoch_{epoch + 1:03d}.pth")
+        if is_best:
+            checkpoints.save(weights, run.save_dir / "best.pth")
+        row = [epoch + 1, f"{train_loss:.6f}", f"{train_acc:.6f}", f"{test_loss:.6f}",
+               f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}", f"{totals.images / seconds:.1f}",
+               f"{val_loss:.6f}" if has_val else "", f"{val_acc:.6f}" if has_val else ""]
+        checkpoints.append_metrics(run.save_dir / "metrics.csv",
+                                   dict(zip(checkpoints.METRICS_FIELDS, row)))
+        plots.plot_curves(run.save_dir / "metrics.csv", run.save_dir / "curves.png")
+        checkpoints.save(ckpt, run.last_path)
+        old_run.after_save(run.log)
+        checkpoints.rotate(run.save_dir, c["keep"])
+    run.log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
             f"{f'val loss {val_loss:.4f} acc {val_acc:.2%} | ' if has_val else ''}"
             f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
-            f"{seconds:.1f} s, {train_seen / seconds:.0f} img/s{' | best' if is_best else ''}", flush=True)
+            f"{seconds:.1f} s, {totals.images / seconds:.0f} img/s{' | best' if is_best else ''}",
+            flush=True)
+    return {"train": (train_loss, train_acc), "val": (val_loss, val_acc) if has_val else None,
+            "test": (test_loss, test_acc)}
 
-    chosen = f"best.pth has the best validation accuracy, {best_acc:.2%}" if has_val else "best.pth is the last epoch"
-    log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and predictions)")
-    if distributed:
+
+def header(run: Run, state: TrainingState, n_train: int, n_val: int, n_test: int,
+           amp_reason: str) -> str:
+    """The first line of a run: network, data, device, precision, learning rate and batch."""
+    c, world = run.config, run.world
+    n_params = sum(p.numel() for p in state.model.parameters())
+    lr_note = f" (LR {c['lr']:g} x {world} processes)" if run.distributed else ""
+    return (f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: "
+            f"{n_params:,} parameters | {c['dataset']} {n_train:,} train / {n_val:,} validation / "
+            f"{n_test:,} test at {c['image_size']} px | "
+            f"device {run.device}{f' x {world} processes' if run.distributed else ''}, "
+            f"precision {str(run.amp).replace('torch.', '') if run.amp else 'fp32'} "
+            f"({amp_reason}) | "
+            f"lr {effective_lr(c, world):g}{lr_note}, global batch {c['batch_size'] * world}")
+
+
+def main() -> tuple[TrainingState, dict]:
+    """One training run, as `python train.py` (or torchrun) starts it; returns the final state and
+    the last epoch's results."""
+    config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0],
+                                    extra=extra_options)
+    cli.check_config(config)
+    rank, world, local_rank = devices.setup_distributed()
+    log = console if rank == 0 else (lambda *a, **k: None)
+    save_dir = Path(config["save_dir"])
+    if rank == 0:
+        checkpoints.lock_save_dir(save_dir)
+    c, ckpt = start_or_resume(config, args, log)
+    if rank == 0:
+        checkpoints.tidy_save_dir(save_dir, ckpt, log)
+
+    # ---- device, precision, processes, data
+    device = devices.pick_device(c["device"], local_rank)
+    if world > 1:
+        devices.init_distributed(device, c["device"], local_rank)
+    devices.prepare(device)
+    amp, amp_reason = devices.amp_choice(device, c["amp"])
+    train_data, val_data, test_data = load_data(c, device, world, ckpt)
+    run = Run(c, train_data.classes, device, amp, rank, world,
+              imagedata.steps_per_epoch(len(train_data), c["batch_size"], world))
+
+    # ---- model, optimizer, schedule: fresh, or where last.pth left them
+    state = build_state(run, ckpt)
+    if ckpt is not None:
+        best = f", best validation accuracy {state.best_acc:.2%}" if val_data is not None else ""
+        run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
+    old_run = checkpoints.OldRun(save_dir, replace=run.master and args.overwrite and ckpt is None)
+    del ckpt
+    train_model = state.model
+    if run.distributed:
+        ids = [device.index] if device.type in ("cuda", "npu") else None
+        train_model = DDP(train_model, device_ids=ids)
+    train_model = torch.compile(train_model) if c["compile"] else train_model
+    # for out_of_memory_message
+    current_run.update(config=c, device=device, amp=amp, classes=len(run.classes))
+    n_val = len(val_data) if val_data is not None else 0
+    run.log(header(run, state, len(train_data), n_val, len(test_data), amp_reason))
+
+    # ---- training: Ctrl-C / SIGTERM finish the step, write last.pth and exit
+    preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"], device)
+    preemption.install()
+    start_epoch, results = state.epoch, {}
+    for epoch in range(start_epoch, c["epochs"]):
+        t0 = time.perf_counter()
+        totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
+                                 lambda ckpt: save_last(run, old_run, ckpt),
+                                 warn_slow=run.master and epoch == start_epoch)
+        results = finish_epoch(run, state, old_run, epoch, totals.summed(device, run.distributed),
+                               val_data, test_data, t0)
+        if run.master:
+            preemption.saved()
+
+    chosen = (f"best.pth has the best validation accuracy, {state.best_acc:.2%}"
+              if val_data is not None else "best.pth is the last epoch")
+    run.log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and "
+            "predictions)")
+    if run.distributed:
         dist.destroy_process_group()
+    return state, results
 
 
 current_run = {}  # what main() runs, once known: config, device, amp, classes
 
 
-def run() -> None:
+def run() -> tuple[TrainingState, dict] | None:
     try:
-        cli.run_main(main)
+        return cli.run_main(main)
     except Diverged as e:
-        print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint is kept "
-              "(try a lower --lr, or --amp off)", file=sys.stderr)
+        print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint "
+              "is kept (try a lower --lr, or --amp off)", file=sys.stderr)
         sys.exit(3)
     except Exception as e:
         if not devices.is_out_of_memory(e):
@@ -525,7 +671,8 @@ def run() -> None:
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
         sys.exit(130)
     finally:
-        checkpoints.unlock_save_dir()  # for callers that run main() again in the same process (the tests)
+        # for callers that run main() again in the same process (the tests)
+        checkpoints.unlock_save_dir()
 
 
 if __name__ == "__main__":

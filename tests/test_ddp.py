@@ -39,7 +39,7 @@ sys.path.insert(0, {root!r})
 import imagedata, train
 
 rank, out = os.environ["RANK"], {out!r}
-shards, batches, final = [], [], {{}}
+shards, batches = [], []
 collectives = set()  # "name:dtype" of every tensor train.py hands to torch.distributed
 
 def recorded(name):
@@ -79,18 +79,13 @@ def split_batches(indices, batch_size, steps=None):
         batches.append([len(p) for p in parts])
     return parts
 
-def evaluate(model, *args, **kwargs):
-    result = real_evaluate(model, *args, **kwargs)
-    final["model"], final["result"] = model, result
-    return result
-
-real_shard, real_split, real_evaluate = imagedata.shard_indices, imagedata.split_batches, train.evaluate
-imagedata.shard_indices, imagedata.split_batches, train.evaluate = shard_indices, split_batches, evaluate
+real_shard, real_split = imagedata.shard_indices, imagedata.split_batches
+imagedata.shard_indices, imagedata.split_batches = shard_indices, split_batches
 sys.argv = ["train.py", *sys.argv[1:]]
-train.run()
-torch.save({{k: v.clone() for k, v in final["model"].state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
+state, results = train.run()
+torch.save({{k: v.clone() for k, v in state.model.state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
 with open(f"{{out}}/record{{rank}}.json", "w") as f:
-    json.dump({{"shards": shards, "batches": batches, "result": final["result"],
+    json.dump({{"shards": shards, "batches": batches, "result": results["test"],
                "collectives": sorted(collectives)}}, f)
 """
 

@@ -346,14 +346,14 @@ def test_a_slow_cpu_epoch_is_announced_with_the_cpu_recipe(monkeypatch, tmp_path
 def test_signals_are_kept_for_the_save_and_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop = train.StopSignals(distributed=False)
+        stop = train.Preemption(distributed=False)
         stop.install()
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # SLURM's and torchrun's: the second must not end the process
         assert stop.signal == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is stop
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # a second signal that is Ctrl-C: stop now
-        under_torchrun = train.StopSignals(distributed=True)
+        under_torchrun = train.Preemption(distributed=True)
         under_torchrun.install()
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)  # the terminal's and torchrun's copy of one Ctrl-C

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import imagedata
 import net
@@ -92,8 +93,8 @@ def test_each_step_trains_at_the_rate_of_the_schedule(tmp_path, monkeypatch):
     (a scheduler stepped first would skip it). 64 images of batch 32: 2 steps an epoch, 4 in all."""
     data = make_mnist(tmp_path / "data", n_train=64, n_test=8)
     used = []
-    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
-        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs:
+                                            used.append(optimizer.param_groups[0]["lr"]))
     try:
         run_train_in_process(monkeypatch, *TINY, "--epochs", "2", "--warmup-epochs", "1", "--val-fraction", "0",
                              "--data-dir", data, "--save-dir", tmp_path / "save")
