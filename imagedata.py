@@ -45,7 +45,7 @@ DATASETS = {
                      "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False, False),
     "fashion-mnist": Dataset((0.2860,), (0.3530,), "FashionMNIST",
                              "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False,
-                             False),
+                             True),
     "cifar10": Dataset((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10",
                        "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}", 32, False, True, True),
     # Folders of your own images: ImageNet's statistics, any size (resized to IMAGE_SIZE).

@@ -42,7 +42,7 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
 IMAGE_SIZE = 224          # network input side in pixels (>= 32); 28 px digits are upsampled on the
                           # device
 AUGMENT = "auto"          # auto | on | off: random crop (4 px padding), + flip except
-                          # digits/clothes; auto = on for cifar10/folder
+                          # digits; auto = on for cifar10/folder
 WORKERS = 4               # DataLoader worker processes (folder dataset only; the others live on the
                           # device)
 SKIP_BAD_IMAGES = False   # folder dataset: leave out unreadable image files (else they stop the

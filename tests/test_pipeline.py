@@ -145,8 +145,8 @@ def test_flip_and_shift_move_a_known_pixel():
 
 
 def test_digits_are_shifted_but_never_mirrored(tmp_path):
-    """--augment on for MNIST and Fashion-MNIST: random shifts only (a mirrored 2 or 7 is no digit);
-    CIFAR-10 is still flipped."""
+    """--augment on for MNIST: random shifts only (a mirrored 2 or 7 is no digit); Fashion-MNIST
+    (a mirrored shirt is a shirt) and CIFAR-10 are also flipped."""
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
     c = {"dataset": "mnist", "data_dir": str(root), "image_size": 32}
     data = imagedata.load_split(c, True, CPU)
@@ -158,6 +158,7 @@ def test_digits_are_shifted_but_never_mirrored(tmp_path):
     cols = {int(torch.nonzero(img[0] == img[0].max(), as_tuple=True)[1][0]) for img in out}
     assert max(cols) < 16 and len(cols) > 4  # shifted around its column, never mirrored to the right half
     assert device_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).flip
+    assert imagedata.DATASETS["fashion-mnist"].flips and not imagedata.DATASETS["mnist"].flips
 
 
 def test_augmentation_repeats_with_the_same_seed(tmp_path):
