@@ -128,7 +128,7 @@ INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
-                  "save_every_minutes")
+                  "save_every_minutes", "label_smoothing")
 
 
 def check_seed(name: str, seed) -> None:
@@ -188,6 +188,7 @@ def check_config(c: dict) -> None:
     need(c["augment"] in ("auto", "on", "off"), f"--augment must be auto, on or off, got {c['augment']!r}")
     need(c["workers"] >= 0, f"--workers must be >= 0, got {c['workers']}")
     need(c["keep"] >= 0, f"--keep must be >= 0 (0 keeps all), got {c['keep']}")
+    need(0 <= c["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {c['label_smoothing']}")
     if "val_fraction" in c:
         need(0 <= c["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
     need(c["warmup_epochs"] >= 0 and c["step_epochs"] >= 1 and c["save_every_minutes"] >= 0,

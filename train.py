@@ -61,6 +61,7 @@ OPTIMIZER = "sgd"         # sgd (with momentum) | adamw
 LR = 0.02                 # peak learning rate (for BATCH_SIZE 128 on one process)
 MOMENTUM = 0.9            # SGD momentum (AdamW: beta1)
 WEIGHT_DECAY = 5e-4       # L2 penalty, applied by the optimizer
+LABEL_SMOOTHING = 0.0     # training loss aims at 1 - this for the true class (0.1 is common; 0 = off)
 SCHEDULE = "cosine"       # cosine | step | constant; the learning rate is updated after every step
 WARMUP_EPOCHS = 0.0       # linear warm-up from 0 over this many epochs (fractions allowed)
 STEP_EPOCHS = 30          # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
@@ -402,7 +403,7 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
     for x, y in batches:
         with devices.autocast(device, run.amp):
             logits = train_model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=c["label_smoothing"])
         scaler = state.scaler
         scaler.scale(loss).backward()
         scaler.step(state.optimizer)
@@ -480,6 +481,7 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
             raise UserError(f"{last_path} has no training state to resume from")
         # a run begun before validation splits used all images
         ckpt["config"].setdefault("val_fraction", 0.0)
+        ckpt["config"].setdefault("label_smoothing", 0.0)  # checkpoints from before the setting
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         cli.check_config(config)
         return config, ckpt

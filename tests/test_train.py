@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import checkpoints
 import imagedata
 import net
 import train
@@ -102,6 +103,31 @@ def test_each_step_trains_at_the_rate_of_the_schedule(tmp_path, monkeypatch):
         hook.remove()
     # warm-up (k + 1) / 2 for k = 0, 1; then cosine over the last 2 steps: 1, then cos(pi / 2) halfway
     assert used == pytest.approx([0.05 * 0.5, 0.05, 0.05, 0.05 * 0.5])
+
+
+@pytest.mark.quick
+def test_label_smoothing_is_in_the_training_loss_only(tmp_path, monkeypatch):
+    """--label-smoothing softens the targets of the loss that trains; validation and test losses stay plain
+    cross-entropy, so they compare across runs. A checkpoint from before the setting resumes without it."""
+    data = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    save = tmp_path / "save"
+    calls = []
+    plain = torch.nn.functional.cross_entropy
+
+    def recording(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), kwargs.get("label_smoothing", 0.0)))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(train.F, "cross_entropy", recording)
+    run_train_in_process(monkeypatch, *TINY, "--label-smoothing", "0.2", "--data-dir", data, "--save-dir", save)
+    assert {s for grad, s in calls if grad} == {0.2} and {s for grad, s in calls if not grad} == {0.0}
+    ckpt = load(save / "last.pth")
+    assert ckpt["config"]["label_smoothing"] == 0.2
+    del ckpt["config"]["label_smoothing"]
+    checkpoints.save(ckpt, save / "last.pth")
+    calls.clear()
+    run_train_in_process(monkeypatch, "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", save)
+    assert {s for grad, s in calls if grad} == {0.0}
 
 
 def test_same_seed_same_weights(tmp_path, mnist_root):
