@@ -28,7 +28,6 @@ huge pages: far fewer page faults for the fresh weight copies and gradients of e
 Measured results, with their commands and machines: docs/bench.md.
 """
 
-import argparse
 import gc
 import json
 import os
@@ -51,84 +50,57 @@ from imagedata import DATASETS
 from net import vgg
 
 # ------------------------------------------------------------------------------------------ settings
-# data
-DATASET = "mnist"                              # mnist | fashion-mnist | synthetic (random uint8 images of MNIST shape)
-DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else ./data)
-IMAGE_SIZE = 32                                # network input side in pixels (>= 32)
-WORKERS_CPU = 0                                # DataLoader workers for (b) and (c) on a CPU: workers would take its cores
-WORKERS_ACCEL = 4                              # ... and on a GPU/NPU/MPS, where the CPU only feeds the device
-# model
-DEPTH = 16                                     # VGG16 (configuration D) in all three pipelines
-WIDTH_DIV = 1                                  # divide every channel count by this (1 = the real VGG16)
-BATCH_NORM = True                              # BatchNorm after each convolution (train.py's default)
-NUM_CLASSES = 10                               # MNIST and Fashion-MNIST have 10
-# optim
-BATCH_SIZE = 64                                # images per step, the same for all pipelines
-LR = 0.01                                      # SGD learning rate (the speed does not depend on it)
-MOMENTUM = 0.9                                 # SGD momentum
-# measurement
-WARMUP = 2                                     # untimed steps per pipeline (allocator, oneDNN/cuDNN kernel choice)
-STEPS = 10                                     # timed steps per pipeline; the median step time is reported
-MATMUL_N = {"cpu": 2048, "other": 4096}        # side of the square fp32 matmul that measures the machine's peak
-MATMUL_REPS = 10                               # timed matmuls; the median is reported
-DISTURBED_CORES = 0.2                          # other processes busier than this (in cores) during a pipeline: warn
-UNSTEADY = 1.25                                # matmul speed varying more than this within the run: warn
-# system
-DEVICE = "auto"                                # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
-AMP = "auto"                                   # autocast dtype for (a): auto (bf16 where supported) | bf16 | fp16 | off
-COMPILE = False                                # torch.compile the model of (a)
-FUSED_SGD = False                              # (a) with SGD(fused=True); train.py does not do this
-SEED = 0                                       # weights, shuffles and synthetic data
-# --quick: what a CI machine can afford (a 1/4-width VGG16 is 16x fewer FLOPs; same layers and pipelines)
-QUICK = {"image_size": 32, "batch_size": 64, "width_div": 4, "warmup": 1, "steps": 3, "matmul_reps": 5}
-# ---------------------------------------------------------------------------------------------------
+# Edit these, or override any of them on the command line: python bench.py --batch-size 128
+DATASET = "mnist"        # mnist | fashion-mnist | synthetic (random uint8 images of MNIST shape); with
+                         # --quick a missing one falls back to synthetic
+DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else
+                                               # ./data)
+IMAGE_SIZE = 32          # input side in pixels (>= 32); --quick: 32
+BATCH_SIZE = 64          # images per step, the same for all pipelines; --quick: 64
+WIDTH_DIV = 1            # divide every channel count by this, 1 = VGG16; --quick: 4
+BATCH_NORM = True        # BatchNorm after each convolution (train.py's default); (c) is then
+                         # vgg16_bn
+STEPS = 10               # timed steps per pipeline, the median step time is reported; --quick: 3
+WARMUP = 2               # untimed steps before them (allocator, oneDNN/cuDNN kernel choice);
+                         # --quick: 1
+WORKERS = None           # DataLoader workers for (b) and (c); None: 0 on a CPU (workers would take
+                         # its cores), 4 on an accelerator (the CPU only feeds it)
+DEVICE = "auto"          # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
+AMP = "auto"             # autocast dtype of (a): auto (bf16 where it is faster) | bf16 | fp16 | off
+COMPILE = False          # torch.compile the model of (a)
+FUSED_SGD = False        # (a) with SGD(fused=True): one pass over the weights instead of three;
+                         # train.py does not do this
+QUICK = False            # small settings for CI (the --quick values above; 5 matmuls), synthetic
+                         # data if the dataset is absent; a value typed on the command line wins
+JSON = None              # also write the results to this JSON file
+# --------------------------------------------------------------------------------------------------
+DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
+FLAGS = {"dataset": {"choices": ("mnist", "fashion-mnist", "synthetic")}, "workers": {"type": int, "metavar": "INT"},
+         "json": {"metavar": "PATH"}}
+
+# Fixed for every measurement.
+QUICK_SETTINGS = {"image_size": 32, "batch_size": 64, "width_div": 4, "warmup": 1, "steps": 3}
+DEPTH = 16                # VGG16 (configuration D) in all three pipelines
+NUM_CLASSES = 10          # MNIST and Fashion-MNIST have 10
+LR = 0.01                 # SGD learning rate (the speed does not depend on it)
+MOMENTUM = 0.9            # SGD momentum
+SEED = 0                  # weights, shuffles and synthetic data
+WORKERS_CPU = 0           # DataLoader workers for (b) and (c) on a CPU, where they would take its cores
+WORKERS_ACCEL = 4         # ... and on a GPU/NPU/MPS, where the CPU only feeds the device
+MATMUL_N = {"cpu": 2048, "other": 4096}  # side of the square fp32 matmul that measures the peak
+MATMUL_REPS = {False: 10, True: 5}       # timed matmuls (without, with --quick); the median counts
+DISTURBED_CORES = 0.2     # other processes busier than this (in cores) during a pipeline: warn
+UNSTEADY = 1.25           # matmul speed varying more than this within the run: warn
 
 
 def parse_args(argv=None):
-    p = cli.OneLineParser(description=__doc__.splitlines()[0])
-    q = "; --quick: {}"
-    p.add_argument("--device", default=DEVICE, help=f"auto | cuda | cuda:N | npu | mps | cpu (default: {DEVICE})")
-    p.add_argument("--dataset", default=DATASET, choices=("mnist", "fashion-mnist", "synthetic"),
-                   help=f"dataset read by all pipelines (default: {DATASET}); with --quick a missing one "
-                        "falls back to synthetic")
-    p.add_argument("--data-dir", default=DATA_DIR, help=f"dataset root (default: $DATA_DIR, else ./data; now {DATA_DIR})")
-    p.add_argument("--image-size", type=int, help=f"input side in pixels (default: {IMAGE_SIZE}"
-                   + q.format(QUICK["image_size"]) + ")")
-    p.add_argument("--batch-size", type=int, help=f"images per step (default: {BATCH_SIZE}"
-                   + q.format(QUICK["batch_size"]) + ")")
-    p.add_argument("--width-div", type=int, help=f"divide every channel count by this, 1 = VGG16 "
-                   f"(default: {WIDTH_DIV}" + q.format(QUICK["width_div"]) + ")")
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=BATCH_NORM,
-                   help=f"BatchNorm after each convolution; (c) is then vgg16_bn (default: {BATCH_NORM})")
-    p.add_argument("--steps", type=int, help=f"timed steps per pipeline (default: {STEPS}" + q.format(QUICK["steps"]) + ")")
-    p.add_argument("--warmup", type=int, help=f"untimed steps before them (default: {WARMUP}"
-                   + q.format(QUICK["warmup"]) + ")")
-    p.add_argument("--workers", type=int, help=f"DataLoader workers for (b) and (c) (default: {WORKERS_CPU} on CPU, "
-                   f"{WORKERS_ACCEL} on an accelerator)")
-    p.add_argument("--amp", default=AMP, choices=cli.AMP_MODES, help=f"autocast dtype of (a) (default: {AMP})")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE,
-                   help=f"torch.compile the model of (a) (default: {COMPILE})")
-    p.add_argument("--fused-sgd", action=argparse.BooleanOptionalAction, default=FUSED_SGD,
-                   help=f"(a) with SGD(fused=True): one pass over the weights instead of three; train.py does not "
-                        f"do this (default: {FUSED_SGD})")
-    p.add_argument("--quick", action="store_true", help=f"small settings for CI: {QUICK}, synthetic data "
-                   "if the dataset is absent")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-    # An option typed on the command line wins; otherwise --quick's value, otherwise the constant above.
-    for name, default in (("image_size", IMAGE_SIZE), ("batch_size", BATCH_SIZE), ("width_div", WIDTH_DIV),
-                          ("steps", STEPS), ("warmup", WARMUP)):
-        if getattr(args, name) is None:
-            setattr(args, name, QUICK[name] if args.quick else default)
-    args.matmul_reps = QUICK["matmul_reps"] if args.quick else MATMUL_REPS
-    if args.image_size < 32:
-        raise UserError(f"--image-size must be at least 32 (five 2x2 pools), got {args.image_size}")
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserError("--batch-size and --steps must be >= 1, --warmup >= 0")
-    if args.width_div < 1 or 64 % args.width_div:
-        raise UserError(f"--width-div must divide 64 (1, 2, 4, 8, 16, 32, 64), got {args.width_div}")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    """The settings above as the command line gives them; --quick's values for those not typed."""
+    _, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], argv=argv, flags=FLAGS)
+    if args.quick:
+        for name, value in QUICK_SETTINGS.items():
+            if name not in args.explicit:
+                setattr(args, name, value)
+    args.matmul_reps = MATMUL_REPS[args.quick]
     return args
 
 
@@ -487,7 +459,7 @@ def main() -> None:
                "matmul_fp32_flops_per_s": peaks, "matmul_n": n,
                "matmul_amp_flops_per_s": peak_amp, "pipelines": results}
         try:
-            args.json.write_text(json.dumps(out, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         except OSError as e:
             raise UserError(f"cannot write {args.json}: {e.strerror or e}") from None
         print(f"wrote {args.json}")

@@ -57,7 +57,8 @@ def _constant_comments(source_file: str) -> dict[str, str]:
             elif tok.type == tokenize.COMMENT and name and name.isupper():
                 comments[name] = tok.string.lstrip("# ").strip()
                 last = (name, tok.start[1])
-            elif tok.type == tokenize.COMMENT and at_line_start and last and tok.start[1] == last[1]:
+            elif (tok.type == tokenize.COMMENT and at_line_start and last
+                  and tok.start[1] == last[1]):
                 comments[last[0]] += " " + tok.string.lstrip("# ").strip()
             elif tok.type == tokenize.COMMENT or tok.type == tokenize.NL and at_line_start:
                 last = None  # another comment, or a blank line: the constant's comment has ended
@@ -70,37 +71,52 @@ def _constant_comments(source_file: str) -> dict[str, str]:
 
 def frozen(namespace: dict) -> MappingProxyType:
     """A script's settings: the UPPERCASE names of `namespace` (its globals()) that hold plain
-    values, in order, as they are when this is called. Called right after the constant block, so a
-    constant defined further down never becomes a flag."""
+    values (None: "decided later", a string on the command line), in order, as they are when this
+    is called. Called right after the constant block, so a constant defined further down never
+    becomes a flag."""
+    plain = (bool, int, float, str, type(None))
     return MappingProxyType({k: v for k, v in namespace.items()
-                             if k.isupper() and isinstance(v, (bool, int, float, str))})
+                             if k.isupper() and isinstance(v, plain)})
 
 
 def parse_config(defaults: dict, source_file: str, description: str, argv=None,
-                 extra=lambda parser: None) -> tuple[dict, argparse.Namespace]:
-    """Build the command line from the UPPERCASE constants of a script.
+                 extra=lambda parser: None, flags=None) -> tuple[dict, argparse.Namespace]:
+    """Build the command line from the UPPERCASE constants of a script, and check the values.
 
     Each constant NAME becomes --name (underscores as dashes) with the constant's type and the
     comment on its line as help, so the block at the top of the script stays the single source.
-    Returns (config with lowercase keys, namespace with any extra options).
+    A bool gives --name / --no-name. `flags` adds argparse options for a setting by its lowercase
+    name (choices, nargs, a metavar). `extra(parser)` adds options that are no setting.
+    Returns (config with lowercase keys, namespace with every option); args.explicit holds the
+    settings typed on the command line.
     """
     comments = _constant_comments(source_file)
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, value in defaults.items():
-        flag = "--" + name.lower().replace("_", "-")
+        key = name.lower()
+        options = {"default": value, "help": comments.get(name, "")}
         if isinstance(value, bool):
-            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=comments.get(name, ""))
+            options["action"] = argparse.BooleanOptionalAction
         else:
-            kind = float if isinstance(value, float) else type(value)
-            parser.add_argument(flag, default=value, type=kind, metavar=kind.__name__.upper(),
-                                help=comments.get(name, ""))
+            kind = str if value is None else float if isinstance(value, float) else type(value)
+            options |= {"type": kind, "metavar": kind.__name__.upper()}
+        more = (flags or {}).get(key, {})
+        if "choices" in more:  # argparse then lists them in place of the metavar
+            options.pop("metavar", None)
+        parser.add_argument("--" + key.replace("_", "-"), **(options | more))
     extra(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     config = {name.lower(): getattr(args, name.lower()) for name in defaults}
-    # Which settings were typed on the command line (--resume reports only those when they differ).
-    typed = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")}
+    # Which settings were typed (--resume reports only those when they differ; bench.py's --quick
+    # gives way to them).
+    typed = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+             for a in argv if a.startswith("--")}
     args.explicit = typed & config.keys()
+    # argparse has checked those with choices (bench.py's --dataset synthetic is no dataset of
+    # train.py's)
+    check_config({k: v for k, v in config.items() if "choices" not in (flags or {}).get(k, {})})
     return config, args
 
 
@@ -123,12 +139,20 @@ SEED_MAX = 2**32 - 1
 MAX_IMAGE_SIZE = 2048
 
 
-INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size", "step_epochs", "seed",
-                "keep", "log_every")
+INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size",
+                "step_epochs", "seed", "keep", "log_every", "show", "grid", "grid_seed", "top_k",
+                "steps", "warmup")
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
-                  "save_every_minutes", "label_smoothing")
+                  "save_every_minutes", "label_smoothing", "val_fraction")
+
+
+BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_sgd", "quick")
+
+
+PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir",
+                 "checkpoint": "--checkpoint", "out": "--out", "json": "--json"}
 
 
 def check_seed(name: str, seed) -> None:
@@ -143,56 +167,83 @@ def check_path(name: str, value) -> None:
 
 
 def check_config(c: dict) -> None:
-    """Reject values that cannot work, before any data is read or any file is written."""
-    def need(ok, message):
-        if not ok:
-            raise UserError(message)
+    """Reject values that cannot work, before any data is read or any file is written. Every
+    setting of the three scripts is checked here, each where `c` has it: train.py's config (also
+    as a checkpoint stores it), test.py's and bench.py's. None means "decided later": unchecked."""
+    given = {k: v for k, v in c.items() if v is not None}
+
+    def need(key, ok, message):
+        if key in given and not ok(given[key]):
+            raise UserError(message.format(given[key]))
+
     # Types first: a checkpoint's stored config is checked too, and may have been edited.
     for key in INT_SETTINGS:
-        need(isinstance(c[key], int) and not isinstance(c[key], bool),
-             f"--{key.replace('_', '-')} must be an integer, got {c[key]!r}")
+        need(key, lambda v: isinstance(v, int) and not isinstance(v, bool),
+             f"--{key.replace('_', '-')} must be an integer, got {{!r}}")
     for key in FLOAT_SETTINGS:
         flag = "--" + key.replace("_", "-")
-        need(isinstance(c[key], (int, float)) and not isinstance(c[key], bool),
-             f"{flag} must be a number, got {c[key]!r}")
-        need(math.isfinite(c[key]), f"{flag} must be a finite number, got {c[key]}")
-    for key in ("batch_norm", "compile"):
-        need(isinstance(c[key], bool), f"--{key.replace('_', '-')} must be true or false, got {c[key]!r}")
-    check_path("--data-dir (or DATA_DIR)", c["data_dir"])
-    check_path("--save-dir", c["save_dir"])
-    check_seed("--seed", c["seed"])
-    need(c["image_size"] <= MAX_IMAGE_SIZE, f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's "
-         f"activations at {c['image_size']} px do not fit in any device's memory), got {c['image_size']}")
-    need(c["log_every"] >= 1, f"--log-every must be at least 1, got {c['log_every']}")
-    # Upper bounds: beyond them a value fails deep inside torch (64-bit overflows) or the OS.
-    need(c["batch_size"] <= 2**31 - 1, f"--batch-size must be at most {2**31 - 1}, got {c['batch_size']}")
-    need(c["epochs"] <= 1_000_000,  # epoch shuffles are seeded by seed * 1_000_003 + epoch
-         f"--epochs must be at most 1000000, got {c['epochs']}")
-    need(c["workers"] <= 256, f"--workers must be at most 256, got {c['workers']}")
-    need(c["step_gamma"] > 0, f"--step-gamma must be positive, got {c['step_gamma']}")
+        need(key, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+             f"{flag} must be a number, got {{!r}}")
+        need(key, math.isfinite, f"{flag} must be a finite number, got {{}}")
+    for key in BOOL_SETTINGS:
+        need(key, lambda v: isinstance(v, bool),
+             f"--{key.replace('_', '-')} must be true or false, got {{!r}}")
+    for key, name in PATH_SETTINGS.items():
+        if key in given:
+            check_path(name, given[key])
+    for key in ("seed", "grid_seed"):
+        if key in given:
+            check_seed("--" + key.replace("_", "-"), given[key])
     from imagedata import DATASETS  # imagedata imports UserError from here
-    need(c["dataset"] in DATASETS, f"unknown dataset {c['dataset']!r}; choose one of {', '.join(DATASETS)}")
-    need(c["depth"] in CFGS, f"unknown VGG depth {c['depth']}; choose one of {', '.join(map(str, CFGS))}")
-    need(c["width_div"] >= 1 and 64 % c["width_div"] == 0,
-         f"--width-div must divide 64 (1, 2, 4, 8, 16, 32, 64), got {c['width_div']}")
-    need(c["image_size"] >= 32, f"--image-size must be at least 32 (five 2x2 pools), got {c['image_size']}")
-    need(c["batch_size"] >= 1, f"--batch-size must be at least 1, got {c['batch_size']}")
-    need(c["epochs"] >= 1, f"--epochs must be at least 1, got {c['epochs']}")
-    need(c["lr"] > 0, f"--lr must be positive, got {c['lr']}")
-    need(0 <= c["momentum"] < 1, f"--momentum must be in [0, 1), got {c['momentum']}")
-    need(c["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {c['weight_decay']}")
-    need(0 <= c["dropout"] < 1, f"--dropout must be in [0, 1), got {c['dropout']}")
-    need(c["optimizer"] in OPTIMIZERS, f"unknown optimizer {c['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}")
-    need(c["schedule"] in SCHEDULES, f"unknown schedule {c['schedule']!r}; choose one of {', '.join(SCHEDULES)}")
-    need(c["amp"] in AMP_MODES, f"unknown amp mode {c['amp']!r}; choose one of {', '.join(AMP_MODES)}")
-    need(c["augment"] in ("auto", "on", "off"), f"--augment must be auto, on or off, got {c['augment']!r}")
-    need(c["workers"] >= 0, f"--workers must be >= 0, got {c['workers']}")
-    need(c["keep"] >= 0, f"--keep must be >= 0 (0 keeps all), got {c['keep']}")
-    need(0 <= c["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {c['label_smoothing']}")
-    if "val_fraction" in c:
-        need(0 <= c["val_fraction"] < 1, f"--val-fraction must be in [0, 1), got {c['val_fraction']}")
-    need(c["warmup_epochs"] >= 0 and c["step_epochs"] >= 1 and c["save_every_minutes"] >= 0,
-         "--warmup-epochs and --save-every-minutes must be >= 0, --step-epochs >= 1")
+    need("dataset", lambda v: v in DATASETS,
+         f"unknown dataset {{!r}}; choose one of {', '.join(DATASETS)}")
+    need("depth", lambda v: v in CFGS,
+         f"unknown VGG depth {{}}; choose one of {', '.join(map(str, CFGS))}")
+    need("width_div", lambda v: v >= 1 and 64 % v == 0,
+         "--width-div must divide 64 (1, 2, 4, 8, 16, 32, 64), got {}")
+    need("image_size", lambda v: v >= 32,
+         "--image-size must be at least 32 (five 2x2 pools), got {}")
+    need("image_size", lambda v: v <= MAX_IMAGE_SIZE,
+         f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's activations at {{0}} px do not "
+         "fit in any device's memory), got {0}")
+    # Upper bounds: beyond them a value fails deep inside torch (64-bit overflows) or the OS.
+    need("batch_size", lambda v: v >= 1, "--batch-size must be at least 1, got {}")
+    need("batch_size", lambda v: v <= 2**31 - 1,
+         f"--batch-size must be at most {2**31 - 1}, got {{}}")
+    need("epochs", lambda v: v >= 1, "--epochs must be at least 1, got {}")
+    # epoch shuffles are seeded by seed * 1_000_003 + epoch
+    need("epochs", lambda v: v <= 1_000_000, "--epochs must be at most 1000000, got {}")
+    need("workers", lambda v: v >= 0, "--workers must be >= 0, got {}")
+    need("workers", lambda v: v <= 256, "--workers must be at most 256, got {}")
+    need("log_every", lambda v: v >= 1, "--log-every must be at least 1, got {}")
+    need("lr", lambda v: v > 0, "--lr must be positive, got {}")
+    need("momentum", lambda v: 0 <= v < 1, "--momentum must be in [0, 1), got {}")
+    need("weight_decay", lambda v: v >= 0, "--weight-decay must be >= 0, got {}")
+    need("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1), got {}")
+    need("label_smoothing", lambda v: 0 <= v < 1, "--label-smoothing must be in [0, 1), got {}")
+    need("val_fraction", lambda v: 0 <= v < 1, "--val-fraction must be in [0, 1), got {}")
+    need("optimizer", lambda v: v in OPTIMIZERS,
+         f"unknown optimizer {{!r}}; choose one of {', '.join(OPTIMIZERS)}")
+    need("schedule", lambda v: v in SCHEDULES,
+         f"unknown schedule {{!r}}; choose one of {', '.join(SCHEDULES)}")
+    need("amp", lambda v: v in AMP_MODES,
+         f"unknown amp mode {{!r}}; choose one of {', '.join(AMP_MODES)}")
+    need("augment", lambda v: v in ("auto", "on", "off"),
+         "--augment must be auto, on or off, got {!r}")
+    need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")
+    need("warmup_epochs", lambda v: v >= 0, "--warmup-epochs must be >= 0, got {}")
+    need("save_every_minutes", lambda v: v >= 0, "--save-every-minutes must be >= 0, got {}")
+    need("step_epochs", lambda v: v >= 1, "--step-epochs must be at least 1, got {}")
+    need("step_gamma", lambda v: v > 0, "--step-gamma must be positive, got {}")
+    # test.py
+    need("show", lambda v: v >= 0, "--show must be >= 0, got {}")
+    need("grid", lambda v: v >= 0, "--grid must be >= 0, got {}")
+    need("top_k", lambda v: v >= 1, "--top-k must be at least 1, got {}")
+    need("invert", lambda v: v in ("auto", "on", "off"),
+         "--invert must be auto, on or off, got {!r}")
+    # bench.py
+    need("steps", lambda v: v >= 1, "--steps must be at least 1, got {}")
+    need("warmup", lambda v: v >= 0, "--warmup must be >= 0, got {}")
 
 
 # ----------------------------------------------------------------------------------------- console

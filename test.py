@@ -15,7 +15,6 @@ The model is rebuilt from the configuration stored in the checkpoint, and every 
 exactly as the test images were during training. Nothing opens a window.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -32,65 +31,42 @@ from cli import UserError
 from imagedata import DATASETS
 from net import build_model
 
-# ------------------------------------------------------------------------------------------------ defaults
-CHECKPOINT = "save_model/best.pth"   # the checkpoint to load
-SHOW = 20                            # print `Predicted: "7", Actual: "7"` for this many test images
-GRID = 64                            # test images drawn in predictions.png (0: no picture)
-BATCH_SIZE = 256                     # images per forward pass
-DEVICE = "auto"                      # auto | cuda | npu | mps | cpu
-INVERT = "auto"                      # --image with mnist/fashion-mnist models: auto inverts images that are mostly light
-TOP_K = 3                            # --image: how many of the most likely classes to print
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ settings
+# Edit these, or override any of them on the command line: python test.py --show 100
+CHECKPOINT = "save_model/best.pth"  # checkpoint file written by train.py
+SHOW = 20                # print the prediction of the first N test images
+SHOW_ALL = False         # print the prediction of every test image
+GRID = 64                # draw N test images with their predicted and actual labels in
+                         # predictions.png (0: none)
+GRID_SEED = None         # draw a random sample of the test split, seeded by SEED; None: its first
+                         # N images
+OUT = None               # folder for confusion.png and predictions.png; None: the checkpoint's
+                         # folder
+IMAGE = None             # predict these image files, or every image in these folders
+                         # (recursively), and skip the test split, so no dataset is needed; a path
+                         # that cannot be read gets one line on stderr, the others still get their
+                         # predictions, and the exit code is then 2
+INVERT = "auto"          # --image, mnist/fashion-mnist models only: these datasets are light on
+                         # dark, so auto inverts an image whose mean brightness is above 127 (dark
+                         # on light)
+TOP_K = 3                # --image: print the K most likely classes with their probabilities
+BATCH_SIZE = 256         # images per forward pass
+DEVICE = "auto"          # auto | cuda | cuda:1 | npu | mps | cpu
+AMP = None               # mixed precision; None: the checkpoint's setting
+SKIP_BAD_IMAGES = False  # folder test split: leave out unreadable image files (else they stop the
+                         # run)
+DATA_DIR = None          # dataset root; None: DATA_DIR from the environment, else the one used
+                         # for training
+# --------------------------------------------------------------------------------------------------
+DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
+FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "grid_seed": {"type": int, "metavar": "SEED"},
+         "out": {"metavar": "DIR"}, "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
+         "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES}}
 
-# What a folder given to --image is searched for (recursively). Files named explicitly are tried whatever their name.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.OneLineParser(description=__doc__.splitlines()[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=CHECKPOINT, help="checkpoint file written by train.py")
-    p.add_argument("--show", type=int, default=SHOW, metavar="N", help="print the prediction of the first N test images")
-    p.add_argument("--show-all", action="store_true", help="print the prediction of every test image")
-    p.add_argument("--grid", type=int, default=GRID, metavar="N",
-                   help="draw N test images with their predicted and actual labels in predictions.png (0: none)")
-    p.add_argument("--grid-seed", type=int, default=None, metavar="SEED",
-                   help="draw a random sample of the test split, seeded by SEED; None: its first N images")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for confusion.png and predictions.png; None: the checkpoint's folder")
-    p.add_argument("--image", nargs="+", default=None, metavar="PATH",
-                   help="predict these image files, or every image in these folders (recursively), and skip "
-                        "the test split, so no dataset is needed; a path that cannot be read gets one line on "
-                        "stderr, the others still get their predictions, and the exit code is then 2")
-    p.add_argument("--invert", default=INVERT, choices=("auto", "on", "off"),
-                   help="--image, mnist/fashion-mnist models only: these datasets are light on dark, so "
-                        "auto inverts an image whose mean brightness is above 127 (dark on light)")
-    p.add_argument("--top-k", type=int, default=TOP_K, metavar="K",
-                   help="--image: print the K most likely classes with their probabilities")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
-    p.add_argument("--device", default=DEVICE, help="auto | cuda | npu | mps | cpu")
-    p.add_argument("--amp", default=None, choices=cli.AMP_MODES,
-                   help="mixed precision; None: the checkpoint's setting")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="folder test split: leave out unreadable image files (else they stop the run)")
-    p.add_argument("--data-dir", default=None,
-                   help="dataset root; None: DATA_DIR from the environment, else the one used for training")
-    args = p.parse_args(argv)
-    if args.show < 0 or args.grid < 0 or args.batch_size < 1 or args.top_k < 1:
-        p.error("--show and --grid must be >= 0, --batch-size and --top-k >= 1")
-    return args
-
-
-def check_paths(args) -> None:
-    """Empty strings would silently mean the current folder (or, for DATA_DIR, the checkpoint's)."""
-    for flag in ("--checkpoint", "--out", "--data-dir"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            cli.check_path(flag, value)
-    if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
-        cli.check_path("--data-dir (or DATA_DIR)", "")
-    if args.grid_seed is not None:
-        cli.check_seed("--grid-seed", args.grid_seed)
+# What a folder given to --image is searched for (recursively). Files named explicitly are tried
+# whatever their name.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm",
+                  ".pbm", ".pnm"}
 
 
 def load_model(path, device):
@@ -292,8 +268,9 @@ def predict_files(args, model, c, classes, device, amp) -> int:
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> None:
-    args = parse_args()
-    check_paths(args)
+    _, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], flags=FLAGS)
+    if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
+        cli.check_path("--data-dir (or DATA_DIR)", "")
     device = devices.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])

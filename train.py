@@ -594,7 +594,6 @@ def main() -> tuple[TrainingState, dict]:
     the last epoch's results."""
     config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0],
                                     extra=extra_options)
-    cli.check_config(config)
     rank, world, local_rank = devices.setup_distributed()
     log = console if rank == 0 else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
