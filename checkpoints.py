@@ -24,7 +24,8 @@ from cli import UserError
 
 # What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's
 # first save.
-OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png", "predictions.png")
+OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png",
+                 "predictions.png")
 
 
 # Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
@@ -53,7 +54,8 @@ def save(obj: dict, path: Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {path}: {reason}; the previous checkpoint is unchanged") from None
+        raise UserError(f"could not write {path}: {reason}; "
+                        "the previous checkpoint is unchanged") from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,8 +88,8 @@ def load(path, map_location="cpu") -> dict:
     except PermissionError as e:
         raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
-                        "(weights_only=True)") from None
+        raise UserError(f"{path} holds objects other than tensors and plain values; "
+                        "refusing to load it (weights_only=True)") from None
     # arbitrary bytes make the unpickler fail in many ways (EOFError, IndexError, ...)
     except Exception:
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint") from None
@@ -110,14 +112,17 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     if missing or len(state) != len(own):
-        raise UserError(f"{path} holds a different architecture ({len(state)} tensors, expected {len(own)}; "
+        raise UserError(f"{path} holds a different architecture "
+                        f"({len(state)} tensors, expected {len(own)}; "
                         f"e.g. {(missing or sorted(set(state) - set(own)))[:1]} does not match)")
     for k, v in own.items():
         if state[k].shape != v.shape:
             if k == "classifier.6.weight" and state[k].shape[1:] == v.shape[1:]:
-                raise UserError(f"{path} was trained for {state[k].shape[0]} classes, but {v.shape[0]} are expected")
-            raise UserError(f"{path} holds a different architecture: {k} has shape {tuple(state[k].shape)}, "
-                            f"expected {tuple(v.shape)} (another depth, width or batch-norm setting)")
+                raise UserError(f"{path} was trained for {state[k].shape[0]} classes, "
+                                f"but {v.shape[0]} are expected")
+            raise UserError(f"{path} holds a different architecture: {k} has shape "
+                            f"{tuple(state[k].shape)}, expected {tuple(v.shape)} "
+                            "(another depth, width or batch-norm setting)")
     model.load_state_dict(state)
 
 
@@ -148,12 +153,12 @@ def lock_save_dir(folder: Path) -> None:
             # "?": the holder has the lock but has not written its pid yet
             holder = f.read().strip() or "?"
             f.close()
-            raise UserError(f"{folder} is in use by another train.py (pid {holder}): wait for it to end, "
-                            "stop it, or pick another --save-dir") from None
+            raise UserError(f"{folder} is in use by another train.py (pid {holder}): "
+                            "wait for it to end, stop it, or pick another --save-dir") from None
         except OSError as e:  # a file system without locks (some network mounts): go on unguarded
             f.close()
-            print(f"warning: could not lock {folder} ({e.strerror or e}); make sure no other run uses it",
-                  file=sys.stderr)
+            print(f"warning: could not lock {folder} ({e.strerror or e}); "
+                  "make sure no other run uses it", file=sys.stderr)
             return
         try:  # the holder may have ended and removed the file between our open and our lock
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
@@ -266,8 +271,8 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
             save(weights, best)
             log(f"resume: {best} was missing: restored from {path.name}")
             return True
-    log(f"resume: {best} is missing and no kept epoch_NNN.pth is the best epoch: the best of the epochs "
-        "to come becomes best.pth")
+    log(f"resume: {best} is missing and no kept epoch_NNN.pth is the best epoch: "
+        "the best of the epochs to come becomes best.pth")
     return False
 
 
@@ -293,7 +298,8 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
             rows = list(csv.reader(f))
         if rows and len(rows[0]) < len(header) and rows[0] == header[:len(rows[0])]:
             # written by a version with fewer columns: the missing ones are empty in its rows
-            rows = [header] + [r + [""] * (len(header) - len(rows[0])) if len(r) == len(rows[0]) else r
+            rows = [header] + [r + [""] * (len(header) - len(rows[0]))
+                               if len(r) == len(rows[0]) else r
                                for r in rows[1:]]
         if not rows or rows[0] != header:
             raise ValueError("another header")
@@ -332,7 +338,8 @@ def write_metrics(path: Path, rows: list[list[str]]) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {path}: {reason}; the previous {path.name} is unchanged") from None
+        raise UserError(f"could not write {path}: {reason}; "
+                        f"the previous {path.name} is unchanged") from None
 
 
 def append_metrics(path: Path, row: dict) -> None:

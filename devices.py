@@ -30,7 +30,8 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
         raise UserError(f"--device {name}: no {kind.upper()} device is available on this machine")
     if ":" in name:
         index = name.split(":", 1)[1]
-        count = {"cuda": torch.cuda.device_count, "npu": lambda: torch.npu.device_count()}.get(kind, lambda: 1)()
+        count = {"cuda": torch.cuda.device_count,
+                 "npu": lambda: torch.npu.device_count()}.get(kind, lambda: 1)()
         if not index.isdigit() or int(index) >= count:
             raise UserError(f"--device {name}: this machine has {count} {kind.upper()} device(s), "
                             f"numbered {kind}:0 to {kind}:{count - 1}")
@@ -85,7 +86,8 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
             return torch.bfloat16, "auto: this NPU has bf16"
         return torch.float16, "auto: this NPU has no bf16"
     if device.type == "cpu":
-        has_amx = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()
+        has_amx = (hasattr(torch.cpu, "_is_amx_tile_supported")
+                   and torch.cpu._is_amx_tile_supported())
         if has_amx:
             return torch.bfloat16, "auto: this CPU has AMX"
         return None, "auto: this CPU has no AMX"
@@ -103,7 +105,8 @@ def setup_distributed() -> tuple[int, int, int | None]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, None) for a plain run."""
     if "RANK" not in os.environ:
         return 0, 1, None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
@@ -113,12 +116,14 @@ def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
         raise UserError(f"--device {name}: under torchrun each process takes the device of its "
                         "LOCAL_RANK; use --device cuda, npu or cpu (or auto)")
     if device.type == "mps":
-        raise UserError("torchrun runs on CUDA, NPU or CPU devices (not Apple MPS): use --device cpu")
+        raise UserError("torchrun runs on CUDA, NPU or CPU devices (not Apple MPS): "
+                        "use --device cpu")
     if device.type in ("cuda", "npu"):
         count = torch.cuda.device_count() if device.type == "cuda" else torch.npu.device_count()
         if local_rank >= count:
-            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
-                            f"node but it has {count} {device.type.upper()} device(s): use --nproc_per_node={count}")
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes "
+                            f"on this node but it has {count} {device.type.upper()} device(s): "
+                            f"use --nproc_per_node={count}")
         getattr(torch, device.type).set_device(device)
     backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
     dist.init_process_group(backend)
@@ -139,14 +144,15 @@ def sum_across(values: list[float], device, distributed: bool) -> list[float]:
 def random_state(device: torch.device, aug_gen: torch.Generator) -> dict:
     """This process's random streams, each with the device type it belongs to: the CPU's, the
     augmentation generator's, and the device's own, which dropout on CUDA/NPU/MPS draws from."""
-    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(), "aug_device": aug_gen.device.type,
-             "device": device.type}
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(),
+             "aug_device": aug_gen.device.type, "device": device.type}
     if device.type != "cpu":
         state["device_rng"] = getattr(torch, device.type).get_rng_state(device)
     return state
 
 
-def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Generator) -> str | None:
+def restore_random_state(state: dict, device: torch.device,
+                         aug_gen: torch.Generator) -> str | None:
     """Put the streams of random_state back. Streams of another device type cannot be (a CUDA
     generator state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says
     so. Checkpoints that stored no device types hold CPU and augmentation states only."""
@@ -166,8 +172,8 @@ def restore_random_state(state: dict, device: torch.device, aug_gen: torch.Gener
         else:
             fresh.append(f"dropout (saved on {state.get('device', 'an unrecorded device')})")
     if fresh:
-        return (f"resume: the run continues on {device.type}: the {' and '.join(fresh)} random streams "
-                "start afresh")
+        return (f"resume: the run continues on {device.type}: "
+                f"the {' and '.join(fresh)} random streams start afresh")
     return None
 
 
@@ -223,7 +229,8 @@ def is_out_of_memory(e: BaseException) -> bool:
     memory'."""
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    return isinstance(e, oom_types) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    return isinstance(e, oom_types) or (isinstance(e, RuntimeError)
+                                        and "out of memory" in str(e).lower())
 
 
 def batch_that_fits(batch_size: int, total: int | None, fixed: int, per_image: int) -> int:
@@ -245,7 +252,8 @@ def out_of_memory_message(e: BaseException, run: dict) -> str:
     has = f" ({total / 2**30:.1f} GiB)" if total else ""
     advice = (f"try --batch-size {fits} (estimated to fit)" if fits else
               "not even one image fits: try a smaller --image-size or a larger --width-div")
-    precision = "" if run["amp"] is not None else ", or --amp bf16/fp16 (about half the activations)"
+    precision = ("" if run["amp"] is not None else
+                 ", or --amp bf16/fp16 (about half the activations)")
     return f"out of memory on {device}{has} at batch size {c['batch_size']}: {advice}{precision}"
 
 

@@ -42,14 +42,17 @@ class Dataset:
 
 DATASETS = {
     "mnist": Dataset((0.1307,), (0.3081,), "MNIST",
-                     "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False, False),
+                     "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False,
+                     False),
     "fashion-mnist": Dataset((0.2860,), (0.3530,), "FashionMNIST",
-                             "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28, True, False,
-                             True),
+                             "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", 28,
+                             True, False, True),
     "cifar10": Dataset((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10",
-                       "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}", 32, False, True, True),
+                       "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}", 32, False,
+                       True, True),
     # Folders of your own images: ImageNet's statistics, any size (resized to IMAGE_SIZE).
-    "folder": Dataset((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, None, None, False, True, True),
+    "folder": Dataset((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, None, None, False,
+                      True, True),
 }
 
 # Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the
@@ -70,14 +73,15 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool = True)
     except OSError as e:  # e.g. a name too long for the file system
         raise UserError(f"cannot read {name} under {root}: {e.strerror or e}") from None
     if not download:
-        raise UserError(f"{name} not found under {Path(root).resolve()}; expected {DATASETS[name].files} "
+        raise UserError(f"{name} not found under {Path(root).resolve()}; "
+                        f"expected {DATASETS[name].files} "
                         "there (set DATA_DIR or --data-dir to the dataset root)")
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
         return cls(root, train=train, download=True)
     except Exception as e:  # offline, read-only folder, bad checksum: all end the same way
-        raise UserError(f"{name} not found under {Path(root).resolve()} and could not be downloaded "
-                        f"({type(e).__name__}); expected {DATASETS[name].files} there "
+        raise UserError(f"{name} not found under {Path(root).resolve()} and could not be "
+                        f"downloaded ({type(e).__name__}); expected {DATASETS[name].files} there "
                         "(set DATA_DIR or --data-dir to the dataset root)") from None
 
 
@@ -105,7 +109,8 @@ class DeviceImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def preprocess(self, x: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None):
+    def preprocess(self, x: torch.Tensor, augment: bool = False,
+                   generator: torch.Generator | None = None):
         """uint8 (B, C, h, w) on the device -> normalized float (B, 3, S, S), channels_last."""
         x = x.float().div_(255)
         if augment:  # random crop with zero padding (and horizontal flip), at the stored resolution
@@ -146,14 +151,15 @@ class DeviceImages:
         """Sample i as the dataset stores it, as a PIL image (28x28 grey or 32x32 colour)."""
         from PIL import Image
         img = self.images[i].cpu()
-        return Image.fromarray(img[0].numpy()) if img.shape[0] == 1 else Image.fromarray(img.permute(1, 2, 0).numpy())
+        return (Image.fromarray(img[0].numpy()) if img.shape[0] == 1
+                else Image.fromarray(img.permute(1, 2, 0).numpy()))
 
 
 class FolderImages:
     """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
 
-    def __init__(self, root: Path, classes_expected, mean, std, image_size: int, device: torch.device,
-                 workers: int):
+    def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
+                 device: torch.device, workers: int):
         from torchvision import datasets, transforms
         self.device = device
         self.workers = workers
@@ -164,11 +170,13 @@ class FolderImages:
         self.eval_set = datasets.ImageFolder(root, loader=_open_rgb,
                                              transform=eval_transform(image_size, mean, std))
         self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
-            [transforms.Lambda(_rgb), resize, transforms.RandomCrop(image_size, padding=image_size // 8),
+            [transforms.Lambda(_rgb), resize,
+             transforms.RandomCrop(image_size, padding=image_size // 8),
              transforms.RandomHorizontalFlip(), *normalize]))
         self.classes = self.eval_set.classes
         if classes_expected is not None and self.classes != list(classes_expected):
-            raise UserError(f"{root} has classes {self.classes}, but the training set had {list(classes_expected)}")
+            raise UserError(f"{root} has classes {self.classes}, but the training set had "
+                            f"{list(classes_expected)}")
         self.labels = torch.tensor(self.eval_set.targets)
         self._loaders = {}
 
@@ -192,7 +200,8 @@ class FolderImages:
             self._loaders[augment] = (loader, sampler)
         loader, sampler = self._loaders[augment]
         base = generator.initial_seed() if augment and generator is not None else None
-        sampler.batches = [[(i, None if base is None else (base * SEED_MIX + i) % 2**63) for i in b.tolist()]
+        sampler.batches = [[(i, None if base is None else (base * SEED_MIX + i) % 2**63)
+                            for i in b.tolist()]
                            for b in split_batches(indices, batch_size, steps)]
         for x, y in loader:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -271,7 +280,8 @@ def eight_bit(img):
     import numpy as np
     from PIL import Image
     wide = np.asarray(img, dtype=np.float64)
-    return Image.fromarray(np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+    return Image.fromarray(
+        np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
 
 
 def _rgb(img):
@@ -303,7 +313,8 @@ def _free_memory(device: torch.device) -> int:
     host = None
     try:
         with open("/proc/meminfo") as f:
-            host = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            host = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         try:
             host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -375,8 +386,8 @@ def _chunked(fn, items: list, workers: int, desc: str) -> list:
     from functools import partial
     from tqdm import tqdm
     out = []
-    bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000,
+               leave=False, dynamic_ncols=True)
     chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
     if workers == 0 or len(chunks) < 2:
         results = map(partial(_map, fn), chunks)
@@ -403,7 +414,8 @@ def _map(fn, chunk):
 
 
 def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
-    shown = "; ".join(f"{Path(path).relative_to(split)} ({reason})" for path, reason in bad[:BAD_FILES_SHOWN])
+    shown = "; ".join(f"{Path(path).relative_to(split)} ({reason})"
+                      for path, reason in bad[:BAD_FILES_SHOWN])
     more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
     return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
 
@@ -456,13 +468,14 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     labels = torch.tensor([t for p, t in listing.samples if p not in bad_paths])
     if fits:
         import numpy as np
-        images = torch.from_numpy(np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
+        images = torch.from_numpy(
+            np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
         if _is_master():
             print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
                   f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
-        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std, c["image_size"], device,
-                            pad=min(w, h) // 8)
+        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std,
+                            c["image_size"], device, pad=min(w, h) // 8)
     if _is_master():
         print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
               f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers "
@@ -476,7 +489,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
 
 # -------------------------------------------------------------------- splits, shuffles and batches
 
-def load_split(c: dict, train: bool | str, device: torch.device, classes=None, download: bool = True):
+def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
+               download: bool = True):
     """The training or test split named by config c, ready to hand out batches on `device`
     (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
     on disk is an error, and nothing is created."""
@@ -485,7 +499,8 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None, d
     if c["dataset"] == "folder":
         split = root / (train if isinstance(train, str) else "train" if train else "test")
         if not split.is_dir():
-            raise UserError(f"{split} is not a folder; --dataset folder expects {root}/train/CLASS/*.jpg "
+            raise UserError(f"{split} is not a folder; "
+                            f"--dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
         try:
             return load_folder(split, classes, mean, std, c, device)
@@ -545,7 +560,8 @@ def load_train_val(c: dict, device: torch.device):
         return train, None
     train_idx, val_idx = validation_indices(len(train), c["val_fraction"], c["seed"])
     if len(train_idx) == 0:
-        raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images of {len(train)}")
+        raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images "
+                        f"of {len(train)}")
     return Subset(train, train_idx), Subset(train, val_idx)
 
 
@@ -573,7 +589,8 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return math.ceil((n // world) / batch_size)
 
 
-def split_batches(indices: torch.Tensor, batch_size: int, steps: int | None = None) -> list[torch.Tensor]:
+def split_batches(indices: torch.Tensor, batch_size: int,
+                  steps: int | None = None) -> list[torch.Tensor]:
     """`indices` cut into batches of batch_size; with `steps`, exactly that many, the last one
     taking the rest."""
     if steps is None:

@@ -15,18 +15,22 @@ from torch import nn
 # One entry per configuration in Table 1 of the paper: an int is a 3x3 convolution with that many
 # output channels, "M" is a 2x2 max-pool that halves the image. Every one has 5 pools (5 stages).
 CFGS: dict[int, list[int | str]] = {
-    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],                       # "A"
-    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],              # "B"
-    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],  # "D"
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],               # "A"
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],      # "B"
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+         512, 512, 512, "M"],                                                           # "D"
     19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M"],                                                              # "E"
+         512, 512, 512, 512, "M"],                                                      # "E"
 }
 
 
-def make_layers(cfg: list[int | str], batch_norm: bool = False, width_div: int = 1) -> nn.Sequential:
-    """The convolutional part: conv3x3(pad 1) [-> BatchNorm] -> ReLU, and a max-pool after each stage.
+def make_layers(cfg: list[int | str], batch_norm: bool = False,
+                width_div: int = 1) -> nn.Sequential:
+    """The convolutional part: conv3x3(pad 1) [-> BatchNorm] -> ReLU, and a max-pool after each
+    stage.
 
-    width_div divides every channel count (width_div=4 gives 16..128 channels, a "small VGG" for CPUs).
+    width_div divides every channel count (width_div=4 gives 16..128 channels, a "small VGG" for
+    CPUs).
     """
     layers: list[nn.Module] = []
     in_channels = 3
@@ -99,8 +103,9 @@ def pool_supported(size: int, out: int = 7) -> bool:
 
 
 def pool_to_7x7(x: torch.Tensor, avgpool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
-    """avgpool(x), except: a 7x7 map is returned as it is (the pool would copy it), and on devices in
-    DIVISIBLE_POOL_ONLY a size they reject is pooled by two matrix products with the same bins."""
+    """avgpool(x), except: a 7x7 map is returned as it is (the pool would copy it), and on devices
+    in DIVISIBLE_POOL_ONLY a size they reject is pooled by two matrix products with the same
+    bins."""
     h, w = x.shape[-2:]
     if (h, w) == (7, 7):
         return x
@@ -126,7 +131,8 @@ def vgg(depth: int = 16, num_classes: int = 10, batch_norm: bool = False, dropou
         raise ValueError(f"unknown VGG depth {depth}; choose one of {sorted(CFGS)}")
     if width_div < 1 or 64 % width_div:
         raise ValueError(f"width_div must divide 64 (1, 2, 4, 8, 16, 32 or 64), got {width_div}")
-    return VGG(make_layers(CFGS[depth], batch_norm, width_div), num_classes, dropout, width_div, init_weights)
+    return VGG(make_layers(CFGS[depth], batch_norm, width_div), num_classes, dropout, width_div,
+               init_weights)
 
 
 def MyVgg16Net(num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5,

@@ -42,8 +42,10 @@ def plot_curves(csv_path, png_path) -> None:
         for split, marker in (("train", "o"), ("val", "^"), ("test", "s")):
             if split == "val" and not has_val:
                 continue
-            ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker, label=split)
-            ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker, label=split)
+            ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker,
+                         label=split)
+            ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker,
+                        label=split)
         for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
             ax.set(xlabel="epoch", ylabel=name)
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
@@ -52,11 +54,12 @@ def plot_curves(csv_path, png_path) -> None:
         # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
         if has_val:
             best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
-            fig.suptitle(f"best.pth: epoch {epochs[best]}, validation {float(rows[best]['val_acc']):.2%}, "
+            fig.suptitle(f"best.pth: epoch {epochs[best]}, "
+                         f"validation {float(rows[best]['val_acc']):.2%}, "
                          f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
         elif rows:
-            fig.suptitle(f"last epoch {epochs[-1]}: test accuracy {float(rows[-1]['test_acc']):.2%}",
-                         fontsize=10)
+            fig.suptitle(f"last epoch {epochs[-1]}: "
+                         f"test accuracy {float(rows[-1]['test_acc']):.2%}", fontsize=10)
         fig.savefig(tmp)
         os.replace(tmp, png_path)  # a viewer never sees a half-written file
     except (ImportError, OSError, ValueError, KeyError) as e:
@@ -101,8 +104,8 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor, classes: list[str],
-              path: Path) -> None:
+def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor,
+              classes: list[str], path: Path) -> None:
     """predictions.png: the images as the dataset stores them, each with its predicted and actual
     label; mistakes get a red caption and a red frame."""
     from matplotlib.figure import Figure
@@ -117,16 +120,17 @@ def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tenso
         ok = p == y
         wrong += not ok
         gray = img.mode == "L"
-        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None, vmax=255 if gray else None,
-                  interpolation="nearest")
+        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None,
+                  vmax=255 if gray else None, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"pred {classes[p]}\ntrue {classes[y]}", fontsize=7, color="black" if ok else "red",
-                     fontweight="normal" if ok else "bold", pad=2)
+        ax.set_title(f"pred {classes[p]}\ntrue {classes[y]}", fontsize=7,
+                     color="black" if ok else "red", fontweight="normal" if ok else "bold", pad=2)
         for spine in ax.spines.values():
             spine.set_color("0.8" if ok else "red")
             spine.set_linewidth(0.5 if ok else 2.5)
     for ax in axes[len(indices):]:  # the empty cells of the last row
         ax.set_axis_off()
-    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)", fontsize=9)
+    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)",
+                 fontsize=9)
     save_figure(fig, path)
