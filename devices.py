@@ -1,7 +1,7 @@
 """Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -241,18 +241,27 @@ def batch_that_fits(batch_size: int, total: int | None, fixed: int, per_image: i
     return max(0, estimate) if estimate < batch_size else batch_size // 2
 
 
-def out_of_memory_message(e: BaseException, run: dict) -> str:
+@contextmanager
+def out_of_memory_explained(config: dict, device: torch.device, amp, classes: int):
+    """Out of memory inside the block becomes a UserError: one line saying where, at which batch
+    size, and a batch size estimated to fit."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(out_of_memory_message(config, device, amp, classes)) from None
+
+
+def out_of_memory_message(c: dict, device: torch.device, amp, classes: int) -> str:
     """One line for an out-of-memory error: where, at which batch size, and one estimated to fit."""
-    if "config" not in run:
-        return f"out of memory before training began ({str(e).splitlines()[0][:200]})"
-    c, device = run["config"], run["device"]
-    fixed, per_image = memory_estimate(c, run["classes"], run["amp"])
+    fixed, per_image = memory_estimate(c, classes, amp)
     total = device_memory(device)
     fits = batch_that_fits(c["batch_size"], total, fixed, per_image)
     has = f" ({total / 2**30:.1f} GiB)" if total else ""
     advice = (f"try --batch-size {fits} (estimated to fit)" if fits else
               "not even one image fits: try a smaller --image-size or a larger --width-div")
-    precision = ("" if run["amp"] is not None else
+    precision = ("" if amp is not None else
                  ", or --amp bf16/fp16 (about half the activations)")
     return f"out of memory on {device}{has} at batch size {c['batch_size']}: {advice}{precision}"
 

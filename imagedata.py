@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from cli import UserError
@@ -327,7 +328,8 @@ def _free_memory(device: torch.device) -> int:
 
 
 def _is_master() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of the process group, or no group: the process that reports for all of them."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _probe(path: str):

@@ -61,7 +61,8 @@ OPTIMIZER = "sgd"         # sgd (with momentum) | adamw
 LR = 0.02                 # peak learning rate (for BATCH_SIZE 128 on one process)
 MOMENTUM = 0.9            # SGD momentum (AdamW: beta1)
 WEIGHT_DECAY = 5e-4       # L2 penalty, applied by the optimizer
-LABEL_SMOOTHING = 0.0     # training loss aims at 1 - this for the true class (0.1 is common; 0 = off)
+LABEL_SMOOTHING = 0.0     # the training loss aims at 1 - this for the true class (0.1 is common;
+                          # 0 = off); validation and test losses are plain cross-entropy
 SCHEDULE = "cosine"       # cosine | step | constant; the learning rate is updated after every step
 WARMUP_EPOCHS = 0.0       # linear warm-up from 0 over this many epochs (fractions allowed)
 STEP_EPOCHS = 30          # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
@@ -613,36 +614,38 @@ def main() -> tuple[TrainingState, dict]:
     run = Run(c, train_data.classes, device, amp, rank, world,
               imagedata.steps_per_epoch(len(train_data), c["batch_size"], world))
 
-    # ---- model, optimizer, schedule: fresh, or where last.pth left them
-    state = build_state(run, ckpt)
-    if ckpt is not None:
-        best = f", best validation accuracy {state.best_acc:.2%}" if val_data is not None else ""
-        run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
-    old_run = checkpoints.OldRun(save_dir, replace=run.master and args.overwrite and ckpt is None)
-    del ckpt
-    train_model = state.model
-    if run.distributed:
-        ids = [device.index] if device.type in ("cuda", "npu") else None
-        train_model = DDP(train_model, device_ids=ids)
-    train_model = torch.compile(train_model) if c["compile"] else train_model
-    # for out_of_memory_message
-    current_run.update(config=c, device=device, amp=amp, classes=len(run.classes))
-    n_val = len(val_data) if val_data is not None else 0
-    run.log(header(run, state, len(train_data), n_val, len(test_data), amp_reason))
+    # ---- from here on, out of memory is one line with a batch size that fits
+    with devices.out_of_memory_explained(c, device, amp, len(run.classes)):
+        # ---- model, optimizer, schedule: fresh, or where last.pth left them
+        state = build_state(run, ckpt)
+        if ckpt is not None:
+            best = (f", best validation accuracy {state.best_acc:.2%}" if val_data is not None
+                    else "")
+            run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
+        old_run = checkpoints.OldRun(save_dir,
+                                     replace=run.master and args.overwrite and ckpt is None)
+        del ckpt
+        train_model = state.model
+        if run.distributed:
+            ids = [device.index] if device.type in ("cuda", "npu") else None
+            train_model = DDP(train_model, device_ids=ids)
+        train_model = torch.compile(train_model) if c["compile"] else train_model
+        n_val = len(val_data) if val_data is not None else 0
+        run.log(header(run, state, len(train_data), n_val, len(test_data), amp_reason))
 
-    # ---- training: Ctrl-C / SIGTERM finish the step, write last.pth and exit
-    preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"], device)
-    preemption.install()
-    start_epoch, results = state.epoch, {}
-    for epoch in range(start_epoch, c["epochs"]):
-        t0 = time.perf_counter()
-        totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
-                                 lambda ckpt: save_last(run, old_run, ckpt),
-                                 warn_slow=run.master and epoch == start_epoch)
-        results = finish_epoch(run, state, old_run, epoch, totals.summed(device, run.distributed),
-                               val_data, test_data, t0)
-        if run.master:
-            preemption.saved()
+        # ---- training: Ctrl-C / SIGTERM finish the step, write last.pth and exit
+        preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"], device)
+        preemption.install()
+        start_epoch, results = state.epoch, {}
+        for epoch in range(start_epoch, c["epochs"]):
+            t0 = time.perf_counter()
+            totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
+                                     lambda ckpt: save_last(run, old_run, ckpt),
+                                     warn_slow=run.master and epoch == start_epoch)
+            totals = totals.summed(device, run.distributed)
+            results = finish_epoch(run, state, old_run, epoch, totals, val_data, test_data, t0)
+            if run.master:
+                preemption.saved()
 
     chosen = (f"best.pth has the best validation accuracy, {state.best_acc:.2%}"
               if val_data is not None else "best.pth is the last epoch")
@@ -651,9 +654,6 @@ def main() -> tuple[TrainingState, dict]:
     if run.distributed:
         dist.destroy_process_group()
     return state, results
-
-
-current_run = {}  # what main() runs, once known: config, device, amp, classes
 
 
 def run() -> tuple[TrainingState, dict] | None:
@@ -666,7 +666,8 @@ def run() -> tuple[TrainingState, dict] | None:
     except Exception as e:
         if not devices.is_out_of_memory(e):
             raise
-        print(f"train.py: error: {devices.out_of_memory_message(e, current_run)}", file=sys.stderr)
+        print("train.py: error: out of memory before training began "
+              f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)

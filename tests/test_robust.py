@@ -856,7 +856,8 @@ def test_skip_bad_images_leaves_them_out_with_one_line(bad_folder, tmp_path, mon
 def test_only_rank_0_reports_unreadable_images(bad_folder, monkeypatch, capsys):
     root, _ = bad_folder
     c = {"dataset": "folder", "data_dir": str(root), "image_size": 32, "workers": 0}
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as torchrun's rank 1
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
     with pytest.raises(SystemExit) as e:
         imagedata.load_split(c, True, torch.device("cpu"))
     assert e.value.code == 2
