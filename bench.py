@@ -1,18 +1,19 @@
 """Training throughput of three input pipelines for the same VGG16, measured in one run.
 
-    python bench.py                                   # full-width VGG16, 32 px, batch 64, MNIST under DATA_DIR
-    python bench.py --quick                           # a small run (under 3 minutes on a 2-core CPU); CI runs this
+    python bench.py           # full-width VGG16, 32 px, batch 64, MNIST under DATA_DIR
+    python bench.py --quick   # a small run (under 3 minutes on a 2-core CPU); CI runs this
     DATA_DIR=../shared/data python bench.py --device cpu --json bench.json
     python bench.py --device cuda --image-size 224 --batch-size 128 --compile
-    python bench.py --help                            # every option with its default
+    python bench.py --help    # every option with its default
 
 The pipelines, each training the same architecture at the same batch size with SGD + momentum:
-  (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from a
-      seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where supported.
-  (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a DataLoader,
-      then per batch a numpy round trip that copies the 1 channel into 3, fp32. The model is this repo's
-      net.vgg (the tutorial's own had a softmax in forward and ReLUs only after pooling), so only the
-      pipeline differs.
+  (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from
+      a seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where
+      supported.
+  (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a
+      DataLoader, then per batch a numpy round trip that copies the 1 channel into 3, fp32. The
+      model is this repo's net.vgg (the tutorial's own had a softmax in forward and ReLUs only after
+      pooling), so only the pipeline differs.
   (c) torchvision's: models.vgg16 (vgg16_bn with --batch-norm) with the standard transforms
       (Resize, Grayscale(3), ToTensor, Normalize) through a DataLoader, fp32.
 
@@ -49,10 +50,10 @@ from cli import UserError
 from imagedata import DATASETS
 from net import vgg
 
-# ------------------------------------------------------------------------------------------ settings
+# ----------------------------------------------------------------------------------------- settings
 # Edit these, or override any of them on the command line: python bench.py --batch-size 128
-DATASET = "mnist"        # mnist | fashion-mnist | synthetic (random uint8 images of MNIST shape); with
-                         # --quick a missing one falls back to synthetic
+DATASET = "mnist"        # mnist | fashion-mnist | synthetic (random uint8 images of MNIST shape);
+                         # with --quick a missing one falls back to synthetic
 DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else
                                                # ./data)
 IMAGE_SIZE = 32          # input side in pixels (>= 32); --quick: 32
@@ -75,8 +76,8 @@ QUICK = False            # small settings for CI (the --quick values above; 5 ma
 JSON = None              # also write the results to this JSON file
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
-FLAGS = {"dataset": {"choices": ("mnist", "fashion-mnist", "synthetic")}, "workers": {"type": int, "metavar": "INT"},
-         "json": {"metavar": "PATH"}}
+FLAGS = {"dataset": {"choices": ("mnist", "fashion-mnist", "synthetic")},
+         "workers": {"type": int, "metavar": "INT"}, "json": {"metavar": "PATH"}}
 
 # Fixed for every measurement.
 QUICK_SETTINGS = {"image_size": 32, "batch_size": 64, "width_div": 4, "warmup": 1, "steps": 3}
@@ -85,7 +86,8 @@ NUM_CLASSES = 10          # MNIST and Fashion-MNIST have 10
 LR = 0.01                 # SGD learning rate (the speed does not depend on it)
 MOMENTUM = 0.9            # SGD momentum
 SEED = 0                  # weights, shuffles and synthetic data
-WORKERS_CPU = 0           # DataLoader workers for (b) and (c) on a CPU, where they would take its cores
+WORKERS_CPU = 0           # DataLoader workers for (b) and (c) on a CPU, where they would take its
+                          # cores
 WORKERS_ACCEL = 4         # ... and on a GPU/NPU/MPS, where the CPU only feeds the device
 MATMUL_N = {"cpu": 2048, "other": 4096}  # side of the square fp32 matmul that measures the peak
 MATMUL_REPS = {False: 10, True: 5}       # timed matmuls (without, with --quick); the median counts
@@ -104,7 +106,7 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------ measuring
+# ---------------------------------------------------------------------------------------- measuring
 
 def sync(device: torch.device) -> None:
     """Wait for the device, so a step's time is its real time and not the time to queue it."""
@@ -113,8 +115,9 @@ def sync(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak. On a CPU, Linux resets the process's peak RSS (ru_maxrss) when 5 is written to
-    /proc/self/clear_refs; elsewhere it cannot be reset and the peak is that of the run so far."""
+    """Start a new peak. On a CPU, Linux resets the process's peak RSS (ru_maxrss) when 5 is written
+    to /proc/self/clear_refs; elsewhere it cannot be reset and the peak is that of the run so
+    far."""
     gc.collect()
     if device.type in ("cuda", "npu"):
         getattr(torch, device.type).empty_cache()
@@ -128,8 +131,9 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Bytes: the most device memory torch allocated on a GPU/NPU; the whole process's peak RSS otherwise
-    (interpreter, libraries, datasets and model together, so not comparable with the GPU number)."""
+    """Bytes: the most device memory torch allocated on a GPU/NPU; the whole process's peak RSS
+    otherwise (interpreter, libraries, datasets and model together, so not comparable with the GPU
+    number)."""
     if device.type in ("cuda", "npu"):
         return getattr(torch, device.type).max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -137,7 +141,8 @@ def peak_memory(device: torch.device) -> int:
 
 
 def machine_cpu_seconds() -> float | None:
-    """CPU seconds used by every process since boot (Linux /proc/stat, steal included), else None."""
+    """CPU seconds used by every process since boot (Linux /proc/stat, steal included), else
+    None."""
     try:
         ticks = [int(v) for v in Path("/proc/stat").read_text().split()[1:9]]
     except (OSError, ValueError):
@@ -166,7 +171,8 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, reps: int) ->
 
 
 def flops_per_image(build, image_size: int, batch_size: int) -> float:
-    """Forward + backward FLOPs of one training image, counted on the meta device (shapes only, no compute)."""
+    """Forward + backward FLOPs of one training image, counted on the meta device (shapes only, no
+    compute)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = build()
@@ -179,9 +185,9 @@ def flops_per_image(build, image_size: int, batch_size: int) -> float:
 
 def time_steps(batches, train_step, batch_size: int, warmup: int, steps: int,
                device: torch.device) -> tuple[list[float], float | None]:
-    """Seconds per step, fetching the batch included, for the `steps` steps after `warmup` untimed ones;
-    and how many cores other processes kept busy meanwhile (None where unknown). On a shared machine
-    that number tells a disturbed measurement: two threads that wait for each other at every
+    """Seconds per step, fetching the batch included, for the `steps` steps after `warmup` untimed
+    ones; and how many cores other processes kept busy meanwhile (None where unknown). On a shared
+    machine that number tells a disturbed measurement: two threads that wait for each other at every
     operation slow down far more than the share of the CPU they lose."""
     times = []
     batches = iter(batches)
@@ -191,8 +197,8 @@ def time_steps(batches, train_step, batch_size: int, warmup: int, steps: int,
         t0 = time.perf_counter()
         x, y = next(batches, (None, []))
         if len(y) != batch_size:
-            raise UserError(f"the training split holds only {i} full batches of {batch_size}; lower --steps, "
-                            "--warmup or --batch-size")
+            raise UserError(f"the training split holds only {i} full batches of {batch_size}; "
+                            "lower --steps, --warmup or --batch-size")
         train_step(x, y)
         sync(device)
         times.append(time.perf_counter() - t0)
@@ -202,7 +208,7 @@ def time_steps(batches, train_step, batch_size: int, warmup: int, steps: int,
     return times[warmup:], others
 
 
-# ------------------------------------------------------------------------------------------ data
+# --------------------------------------------------------------------------------------------- data
 
 class SyntheticMNIST(torch.utils.data.Dataset):
     """Random 28x28 uint8 images and labels, handed out exactly as torchvision.datasets.MNIST does
@@ -233,7 +239,8 @@ def torchvision_dataset(args, transform, synthetic_size: int):
 
 
 def resolve_dataset(args) -> str:
-    """'' when the dataset is on disk (or synthetic was asked for); else fall back (--quick) or stop."""
+    """'' when the dataset is on disk (or synthetic was asked for); else fall back (--quick) or
+    stop."""
     if args.dataset == "synthetic":
         return "synthetic uint8 images of MNIST shape (asked for)"
     try:
@@ -243,35 +250,43 @@ def resolve_dataset(args) -> str:
         where = f"{args.dataset} not found under {Path(args.data_dir).resolve()} (expected " \
                 f"{DATASETS[args.dataset].files})"
         if not args.quick:
-            raise UserError(f"{where}; set DATA_DIR or --data-dir, or run with --dataset synthetic") from None
+            raise UserError(f"{where}; set DATA_DIR or --data-dir, "
+                            "or run with --dataset synthetic") from None
         args.dataset = "synthetic"
         return f"synthetic uint8 images of MNIST shape, because {where}"
 
 
 def loader(dataset, args, device: torch.device):
     """A shuffling DataLoader as the tutorial and torchvision's examples build it."""
-    workers = args.workers if args.workers is not None else (WORKERS_CPU if device.type == "cpu" else WORKERS_ACCEL)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                       generator=torch.Generator().manual_seed(SEED), drop_last=True)
+    workers = (args.workers if args.workers is not None
+               else (WORKERS_CPU if device.type == "cpu" else WORKERS_ACCEL))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                       num_workers=workers,
+                                       generator=torch.Generator().manual_seed(SEED),
+                                       drop_last=True)
 
 
-# ------------------------------------------------------------------------------------------ the three pipelines
+# ------------------------------------------------------------------------------ the three pipelines
 
 def sgd(model, fused: bool = False):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=fused or None)
 
 
 def pipeline_repo(args, device, amp, synthetic_size):
-    """(a) imagedata.DeviceImages: uint8 on the device, preprocessed there; channels_last; autocast."""
+    """(a) imagedata.DeviceImages: uint8 on the device, preprocessed there; channels_last;
+    autocast."""
     mean, std = DATASETS.get(args.dataset, DATASETS["mnist"]).stats
     if args.dataset == "synthetic":
         raw = SyntheticMNIST(synthetic_size, SEED)
-        data = imagedata.DeviceImages(raw.data.unsqueeze(1), raw.targets, raw.classes, mean, std, args.image_size, device)
+        data = imagedata.DeviceImages(raw.data.unsqueeze(1), raw.targets, raw.classes, mean, std,
+                                      args.image_size, device)
     else:
-        config = {"dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size, "workers": 0}
+        config = {"dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size,
+                  "workers": 0}
         data = imagedata.load_split(config, True, device)
     indices = imagedata.shard_indices(len(data), SEED, epoch=0)
-    batches = data.batches(indices, args.batch_size)  # augmentation off, as train.py has it for MNIST
+    # augmentation off, as train.py has it for MNIST
+    batches = data.batches(indices, args.batch_size)
 
     def build():
         return vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
@@ -281,7 +296,8 @@ def pipeline_repo(args, device, amp, synthetic_size):
     if device.type in ("cuda", "cpu"):  # as train.py: faster convolutions on both
         model = model.to(memory_format=torch.channels_last)
     optimizer = sgd(model, args.fused_sgd)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 needs loss scaling
+    # fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     train_model = torch.compile(model) if args.compile else model
 
     def step(x, y):
@@ -296,14 +312,16 @@ def pipeline_repo(args, device, amp, synthetic_size):
 
 
 def pipeline_tutorial(args, device, amp, synthetic_size):
-    """(b) The original tutorial: PIL resize per sample, DataLoader, numpy 1 -> 3 channels per batch, fp32."""
+    """(b) The original tutorial: PIL resize per sample, DataLoader, numpy 1 -> 3 channels per
+    batch, fp32."""
     from torchvision import transforms
     transform = transforms.Compose([transforms.Resize(args.image_size), transforms.ToTensor()])
     train_loader = loader(torchvision_dataset(args, transform, synthetic_size), args, device)
 
     def batches():
         for x, y in train_loader:
-            x = np.concatenate([x.numpy()] * 3, axis=1)  # (B, 1, S, S) -> (B, 3, S, S), as the tutorial did
+            # (B, 1, S, S) -> (B, 3, S, S), as the tutorial did
+            x = np.concatenate([x.numpy()] * 3, axis=1)
             yield torch.from_numpy(x).to(device), y.to(device)
 
     def build():
@@ -328,20 +346,23 @@ def fp32_step(model: nn.Module):
 
 
 def torchvision_vgg16(batch_norm: bool, width_div: int) -> nn.Module:
-    """torchvision's VGG16. It has no width option, so for width_div > 1 the features come from its own
-    make_layers on the thinner table and the classifier (hard-coded for 512 channels) is replaced to match."""
+    """torchvision's VGG16. It has no width option, so for width_div > 1 the features come from its
+    own make_layers on the thinner table and the classifier (hard-coded for 512 channels) is
+    replaced to match."""
     from torchvision import models
     if width_div == 1:
         return (models.vgg16_bn if batch_norm else models.vgg16)(num_classes=NUM_CLASSES)
     cfg = [v if v == "M" else v // width_div for v in models.vgg.cfgs["D"]]
     channels, hidden = 512 // width_div, 4096 // width_div
-    with torch.device("meta"):  # built without memory: the full-width classifier would count in the peak RSS
+    with torch.device("meta"):
+        # built without memory: the full-width classifier would count in the peak RSS
         model = models.vgg.VGG(models.vgg.make_layers(cfg, batch_norm), num_classes=NUM_CLASSES)
         model.classifier = nn.Sequential(
             nn.Linear(channels * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(),
             nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
             nn.Linear(hidden, NUM_CLASSES))
-    model = model.to_empty(device=torch.get_default_device())  # meta again when flops_per_image builds it
+    # meta again when flops_per_image builds it
+    model = model.to_empty(device=torch.get_default_device())
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
             m.reset_parameters()  # PyTorch's default init; the speed does not depend on it
@@ -353,8 +374,8 @@ def pipeline_torchvision(args, device, amp, synthetic_size):
     from torchvision import transforms
     mean, std = DATASETS.get(args.dataset, DATASETS["mnist"]).stats
     transform = transforms.Compose([
-        transforms.Resize(args.image_size), transforms.Grayscale(num_output_channels=3), transforms.ToTensor(),
-        transforms.Normalize(mean * 3, std * 3)])
+        transforms.Resize(args.image_size), transforms.Grayscale(num_output_channels=3),
+        transforms.ToTensor(), transforms.Normalize(mean * 3, std * 3)])
     train_loader = loader(torchvision_dataset(args, transform, synthetic_size), args, device)
     batches = ((x.to(device), y.to(device)) for x, y in train_loader)
 
@@ -372,7 +393,7 @@ PIPELINES = [
 ]
 
 
-# ------------------------------------------------------------------------------------------ main
+# --------------------------------------------------------------------------------------------- main
 
 def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
@@ -381,18 +402,21 @@ def human_bytes(n: int) -> str:
 def main() -> None:
     args = parse_args()
     device = devices.pick_device(args.device)
-    devices.use_device(device)  # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
+    # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
+    devices.use_device(device)
     amp = devices.amp_dtype(device, args.amp)
     data_note = resolve_dataset(args)
     synthetic_size = args.batch_size * (args.warmup + args.steps)  # only what the steps consume
     precision = str(amp).replace("torch.", "") if amp else "fp32"
     width = "full width" if args.width_div == 1 else f"width/{args.width_div}"
-    print(f"bench: VGG{DEPTH}{'_bn' if args.batch_norm else ''} ({width}), {args.image_size} px, batch "
-          f"{args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per pipeline"
+    print(f"bench: VGG{DEPTH}{'_bn' if args.batch_norm else ''} ({width}), {args.image_size} px, "
+          f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps per pipeline"
           f"{' (--quick)' if args.quick else ''}")
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; (a) in {precision}"
-          f"{' + torch.compile' if args.compile else ''}{' + fused SGD' if args.fused_sgd else ''}, (b) and (c) in fp32")
-    print(f"data: {data_note or f'{args.dataset} under {Path(args.data_dir).resolve()}'}", flush=True)
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"(a) in {precision}{' + torch.compile' if args.compile else ''}"
+          f"{' + fused SGD' if args.fused_sgd else ''}, (b) and (c) in fp32")
+    print(f"data: {data_note or f'{args.dataset} under {Path(args.data_dir).resolve()}'}",
+          flush=True)
 
     # ---- the machine's fp32 matmul rate, the yardstick for the model FLOP/s, measured before each
     # pipeline and after the last: a shared or throttled machine changes speed, and shows it here.
@@ -405,7 +429,8 @@ def main() -> None:
     results = []
     for key, name, make in PIPELINES:
         reset_ok = reset_peak_memory(device)
-        torch.backends.cudnn.benchmark = key == "a"  # the tutorial and the plain torchvision path leave it off
+        # the tutorial and the plain torchvision path leave it off
+        torch.backends.cudnn.benchmark = key == "a"
         t0 = time.perf_counter()
         batches, step, build = make(args, device, amp, synthetic_size)
         times, others = time_steps(batches, step, args.batch_size, args.warmup, args.steps, device)
@@ -418,12 +443,14 @@ def main() -> None:
         results.append({
             "pipeline": key, "name": name, "images_per_s": img_s, "step_seconds": times,
             "peak_memory_bytes": memory, "memory_peak_reset": reset_ok,
-            "flops_per_image": flops, "model_flops_per_s": flops * img_s, "matmul_fp32_flops_per_s": fp32_peak,
+            "flops_per_image": flops, "model_flops_per_s": flops * img_s,
+            "matmul_fp32_flops_per_s": fp32_peak,
             "fraction_of_fp32_matmul": flops * img_s / fp32_peak, "other_processes_cores": others,
         })
         busy = "" if others is None else f"; other processes kept {others:.2f} cores busy meanwhile"
-        print(f"({key}) {name}: median step {statistics.median(times):.3f} s (min {min(times):.3f}, "
-              f"max {max(times):.3f}), {time.perf_counter() - t0:.1f} s in all{busy}", flush=True)
+        print(f"({key}) {name}: median step {statistics.median(times):.3f} s "
+              f"(min {min(times):.3f}, max {max(times):.3f}), "
+              f"{time.perf_counter() - t0:.1f} s in all{busy}", flush=True)
         del build
     original = next(r for r in results if r["pipeline"] == "b")["images_per_s"]
     for r in results:
@@ -431,31 +458,37 @@ def main() -> None:
 
     # ---- the table
     mem_kind = ("max_memory_allocated" if device.type in ("cuda", "npu") else
-                "peak RSS of the whole process" + ("" if all(r["memory_peak_reset"] for r in results) else
-                                                   ", cumulative (could not reset)"))
+                "peak RSS of the whole process"
+                + ("" if all(r["memory_peak_reset"] for r in results) else
+                   ", cumulative (could not reset)"))
     print()
-    print(f"{'pipeline':<38} {'img/s':>9} {'x orig':>7} {'peak mem':>10} {'TFLOP/s':>9} {'of fp32 mm':>10}")
+    print(f"{'pipeline':<38} {'img/s':>9} {'x orig':>7} {'peak mem':>10} {'TFLOP/s':>9} "
+          f"{'of fp32 mm':>10}")
     for r in results:
-        print(f"{'(' + r['pipeline'] + ') ' + r['name']:<38} {r['images_per_s']:>9.1f} {r['ratio_to_original']:>6.2f}x "
+        print(f"{'(' + r['pipeline'] + ') ' + r['name']:<38} {r['images_per_s']:>9.1f} "
+              f"{r['ratio_to_original']:>6.2f}x "
               f"{human_bytes(r['peak_memory_bytes']):>10} {r['model_flops_per_s'] / 1e12:>9.4f} "
               f"{r['fraction_of_fp32_matmul']:>10.2f}")
-    print(f"fp32 matmul {n}x{n}: {' '.join(f'{p / 1e12:.4f}' for p in peaks)} TFLOP/s before (a), (b), (c) and "
-          f"after (median of {args.matmul_reps} each)"
+    print(f"fp32 matmul {n}x{n}: {' '.join(f'{p / 1e12:.4f}' for p in peaks)} TFLOP/s before "
+          f"(a), (b), (c) and after (median of {args.matmul_reps} each)"
           + (f"; {precision} matmul: {peak_amp / 1e12:.4f} TFLOP/s" if peak_amp else ""))
-    print(f"model: {results[0]['flops_per_image'] / 1e9:.3f} GFLOP per training image (forward + backward, "
-          f"FlopCounterMode); peak mem = {mem_kind}")
-    disturbed = [r["pipeline"] for r in results if (r["other_processes_cores"] or 0) > DISTURBED_CORES]
+    print(f"model: {results[0]['flops_per_image'] / 1e9:.3f} GFLOP per training image "
+          f"(forward + backward, FlopCounterMode); peak mem = {mem_kind}")
+    disturbed = [r["pipeline"] for r in results
+                 if (r["other_processes_cores"] or 0) > DISTURBED_CORES]
     if disturbed:
         print(f"warning: other processes used the CPU while ({', '.join(disturbed)}) ran; "
               "those numbers are low: run again on a quiet machine")
     if max(peaks) > UNSTEADY * min(peaks):
-        print(f"warning: the machine's matmul speed changed by {max(peaks) / min(peaks):.1f}x during the run "
-              "(a shared or throttled CPU); the pipelines were not measured under the same conditions")
+        print(f"warning: the machine's matmul speed changed by {max(peaks) / min(peaks):.1f}x "
+              "during the run (a shared or throttled CPU); the pipelines were not measured under "
+              "the same conditions")
 
     if args.json:
         out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "precision_a": precision, "data": data_note or args.dataset, "memory": mem_kind,
+               "device": str(device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "precision_a": precision,
+               "data": data_note or args.dataset, "memory": mem_kind,
                "matmul_fp32_flops_per_s": peaks, "matmul_n": n,
                "matmul_amp_flops_per_s": peak_amp, "pipelines": results}
         try:

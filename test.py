@@ -1,18 +1,19 @@
-"""Show what a model trained by train.py learned: its predictions on the test split, or on your own images.
+"""Show what a model trained by train.py learned: its predictions on the test split, or on \
+your own images.
 
-    python test.py                                       # save_model/best.pth, first 20 test images
+    python test.py                                      # save_model/best.pth, first 20 test images
     python test.py --checkpoint save_model/epoch_003.pth --show 100
-    python test.py --show-all                            # one line per test image
-    python test.py --grid 100 --grid-seed 0 --out figs   # 100 random test images in figs/predictions.png
-    python test.py --image my_digit.png photos/          # your own images (files, or folders of them)
-    python test.py --image scan.jpg --invert off         # keep the colours as they are (digit models)
+    python test.py --show-all                           # one line per test image
+    python test.py --grid 100 --grid-seed 0 --out figs  # 100 random images in figs/predictions.png
+    python test.py --image my_digit.png photos/         # your own images (files or folders of them)
+    python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
 
 On the test split it prints predicted against actual labels, the accuracy, a per-class table and the
 confusion matrix, and writes confusion.png and predictions.png next to the checkpoint (or to --out).
 With --image it prints, for each image, the predicted class and the three most likely classes.
 
-The model is rebuilt from the configuration stored in the checkpoint, and every image is preprocessed
-exactly as the test images were during training. Nothing opens a window.
+The model is rebuilt from the configuration stored in the checkpoint, and every image is
+preprocessed exactly as the test images were during training. Nothing opens a window.
 """
 
 import os
@@ -31,7 +32,7 @@ from cli import UserError
 from imagedata import DATASETS
 from net import build_model
 
-# ------------------------------------------------------------------------------------------ settings
+# ----------------------------------------------------------------------------------------- settings
 # Edit these, or override any of them on the command line: python test.py --show 100
 CHECKPOINT = "save_model/best.pth"  # checkpoint file written by train.py
 SHOW = 20                # print the prediction of the first N test images
@@ -59,8 +60,9 @@ DATA_DIR = None          # dataset root; None: DATA_DIR from the environment, el
                          # for training
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
-FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "grid_seed": {"type": int, "metavar": "SEED"},
-         "out": {"metavar": "DIR"}, "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
+FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"},
+         "grid_seed": {"type": int, "metavar": "SEED"}, "out": {"metavar": "DIR"},
+         "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
          "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES}}
 
 # What a folder given to --image is searched for (recursively). Files named explicitly are tried
@@ -82,7 +84,8 @@ def load_model(path, device):
 
 @torch.inference_mode()
 def predict_logits(model, batches, device, amp) -> torch.Tensor:
-    """Logits (float32, on the CPU) of every image of `batches`, in order. Softmax is left to the caller."""
+    """Logits (float32, on the CPU) of every image of `batches`, in order. Softmax is left to the
+    caller."""
     model.eval()
     logits = []
     for x, _ in batches:
@@ -91,14 +94,15 @@ def predict_logits(model, batches, device, amp) -> torch.Tensor:
     return torch.cat(logits)
 
 
-# ------------------------------------------------------------------------------------------ the test split
+# ----------------------------------------------------------------------------------- the test split
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
     """(n, n) counts: row = actual class, column = predicted class."""
     return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
 
 
-MOST_CONFUSED = 20  # above plots.MAX_MATRIX_CLASSES classes, this many of the worst pairs replace the matrix
+MOST_CONFUSED = 20  # above plots.MAX_MATRIX_CLASSES classes, this many of the worst pairs replace
+                    # the matrix
 
 
 def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) -> list[str]:
@@ -107,14 +111,15 @@ def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) 
     off.fill_diagonal_(0)
     counts, flat = off.flatten().topk(min(k, off.numel()))
     n, totals = len(classes), cm.sum(1).tolist()
-    return [f"{classes[i // n]} -> {classes[i % n]}: {v} ({v / totals[i // n]:.1%} of {classes[i // n]})"
+    return [f"{classes[i // n]} -> {classes[i % n]}: {v} "
+            f"({v / totals[i // n]:.1%} of {classes[i // n]})"
             for v, i in zip(counts.tolist(), flat.tolist()) if v > 0]
 
 
 def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
-    """The per-class table and the confusion matrix as text. Long class names (cifar10's "automobile")
-    would make 10 columns too wide, so the matrix then numbers its columns and rows. Above
-    plots.MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
+    """The per-class table and the confusion matrix as text. Long class names (cifar10's
+    "automobile") would make 10 columns too wide, so the matrix then numbers its columns and rows.
+    Above plots.MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
     count, correct = cm.sum(1).tolist(), cm.diag().tolist()
     name_w = max(5, *map(len, classes))
     lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}"]
@@ -124,7 +129,8 @@ def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     if len(classes) > plots.MAX_MATRIX_CLASSES:
         pairs = most_confused(cm, classes)
         lines += ["", f"most confused pairs (actual -> predicted), of {len(classes)} classes:"]
-        return "\n".join(lines + ["  " + p for p in pairs] + ([] if pairs else ["  none: no mistakes"]))
+        return "\n".join(lines + ["  " + p for p in pairs]
+                         + ([] if pairs else ["  none: no mistakes"]))
     short = max(map(len, classes)) <= 5
     cols = classes if short else [str(j) for j in range(len(classes))]
     rows = classes if short else [f"{i} {name}" for i, name in enumerate(classes)]
@@ -140,9 +146,12 @@ def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
 
 def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     classes = ckpt["classes"]
-    out = output_dir(args)  # before the evaluation, which can take a while: fail early if it cannot be made
-    data = imagedata.load_split(c, False, device, classes=classes, download=False)  # never into a wrong DATA_DIR
-    preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size), device, amp).argmax(1)
+    # before the evaluation, which can take a while: fail early if it cannot be made
+    out = output_dir(args)
+    # never into a wrong DATA_DIR
+    data = imagedata.load_split(c, False, device, classes=classes, download=False)
+    preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
+                           device, amp).argmax(1)
     labels = data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
@@ -174,16 +183,17 @@ def output_dir(args) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------ your own images
+# ---------------------------------------------------------------------------------- your own images
 
 def find_images(paths: list[str], report) -> list[Path]:
-    """Files as given, and the image files inside folders (recursively, sorted). Paths that do not exist
-    are reported and left out."""
+    """Files as given, and the image files inside folders (recursively, sorted). Paths that do not
+    exist are reported and left out."""
     found = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            inside = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            inside = sorted(f for f in path.rglob("*")
+                            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not inside:
                 report(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found += inside
@@ -197,35 +207,40 @@ def find_images(paths: list[str], report) -> list[Path]:
 
 
 def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
-    """The image as the checkpoint's dataset stores its samples: uint8 (1, 28, 28) grey for mnist and
-    fashion-mnist, (3, 32, 32) RGB for cifar10; for folder, the float tensor of its eval transform.
-    Returns (tensor, whether it was inverted)."""
+    """The image as the checkpoint's dataset stores its samples: uint8 (1, 28, 28) grey for mnist
+    and fashion-mnist, (3, 32, 32) RGB for cifar10; for folder, the float tensor of its eval
+    transform. Returns (tensor, whether it was inverted)."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
-        if dataset == "folder":  # as ImageFolder reads its files (no EXIF rotation), then the eval transform
+        if dataset == "folder":
+            # as ImageFolder reads its files (no EXIF rotation), then the eval transform
             return folder_transform(im), False
         im = ImageOps.exif_transpose(im)  # phone photos keep their rotation in EXIF
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels take the colour of the paper they would be drawn on: white.
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        im = imagedata.eight_bit(im)  # 16-bit grey (scanners, microscopes): convert() would clip it at 255
+        # 16-bit grey (scanners, microscopes): convert() would clip it at 255
+        im = imagedata.eight_bit(im)
         size = DATASETS[dataset].stored_size
         im = im.convert("L" if DATASETS[dataset].grey else "RGB")
-        # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not aliased.
+        # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not
+        # aliased.
         im = im.resize((size, size), Image.Resampling.BILINEAR)
         inverted = False
-        if DATASETS[dataset].grey and (invert == "on" or invert == "auto" and np.asarray(im).mean() > 127):
+        if DATASETS[dataset].grey and (invert == "on"
+                                       or invert == "auto" and np.asarray(im).mean() > 127):
             im, inverted = ImageOps.invert(im), True
         x = torch.from_numpy(np.array(im))
         return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)), inverted
 
 
 def predict_files(args, model, c, classes, device, amp) -> int:
-    """Print the prediction for every image, a batch of files at a time (a folder of photos at 224 px
-    would not fit in memory at once); returns how many paths could not be read."""
+    """Print the prediction for every image, a batch of files at a time (a folder of photos at
+    224 px would not fit in memory at once); returns how many paths could not be read."""
     dataset = c["dataset"]
     if args.invert == "on" and not DATASETS[dataset].grey:
-        raise UserError(f"--invert applies to mnist and fashion-mnist models; this one was trained on {dataset}")
+        raise UserError("--invert applies to mnist and fashion-mnist models; this one was trained "
+                        f"on {dataset}")
     folder_transform = imagedata.eval_transform(c["image_size"]) if dataset == "folder" else None
     errors = []
 
@@ -239,8 +254,10 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         for path in files[start:start + args.batch_size]:
             try:
                 x, inv = read_image(path, dataset, args.invert, folder_transform)
-            except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
-                report(f"{path} is not an image that can be read ({type(e).__name__}: {e})".replace("\n", " "))
+            except (OSError, ValueError, SyntaxError, EOFError) as e:
+                # UnidentifiedImageError is an OSError
+                report(f"{path} is not an image that can be read ({type(e).__name__}: {e})"
+                       .replace("\n", " "))
                 continue
             except Exception as e:  # PIL's DecompressionBombError and other decoder failures
                 report(f"{path} could not be decoded ({type(e).__name__}: {e})".replace("\n", " "))
@@ -253,19 +270,22 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         x = torch.stack(images)
         if dataset == "folder":  # already through the eval transform
             batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
-        else:  # the very same device preprocessing as the test split: a DeviceImages of these images
+        else:
+            # the very same device preprocessing as the test split: a DeviceImages of these images
             mean, std = DATASETS[dataset].stats
-            batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes, mean, std,
-                                          c["image_size"], device).batches(torch.arange(len(x)), len(x))
+            batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes,
+                                             mean, std, c["image_size"],
+                                             device).batches(torch.arange(len(x)), len(x))
         probs = torch.softmax(predict_logits(model, batches, device, amp), dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
         for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):
             top = ", ".join(f'"{classes[k]}" {p:.2%}' for p, k in zip(ps, ks))
-            print(f'{path}: Predicted: "{classes[ks[0]]}" | top-{len(ks)}: {top}{" (inverted)" if inv else ""}')
+            print(f'{path}: Predicted: "{classes[ks[0]]}" | top-{len(ks)}: {top}'
+                  f'{" (inverted)" if inv else ""}')
     return len(errors)
 
 
-# ------------------------------------------------------------------------------------------------ main
+# --------------------------------------------------------------------------------------------- main
 
 def main() -> None:
     _, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], flags=FLAGS)
@@ -277,8 +297,9 @@ def main() -> None:
     c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
     c["skip_bad_images"] = args.skip_bad_images
     amp = devices.amp_dtype(device, args.amp or c["amp"])
-    print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}, "
-          f"{c['dataset']} at {c['image_size']} px, trained {ckpt['epoch']} epoch(s)")
+    print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} "
+          f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "
+          f"trained {ckpt['epoch']} epoch(s)")
     if args.image:
         if predict_files(args, model, c, ckpt["classes"], device, amp):
             sys.exit(2)  # each unreadable path has had its line on stderr already
@@ -290,5 +311,6 @@ if __name__ == "__main__":
     try:
         cli.run_main(main)
     except BrokenPipeError:  # python test.py --show-all | head: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is silent too
+        # so the exit flush is silent too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
