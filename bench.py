@@ -485,7 +485,7 @@ def main() -> None:
               "the same conditions")
 
     if args.json:
-        out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        out = {"config": {k: v for k, v in vars(args).items() if k != "explicit"},
                "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "precision_a": precision,
                "data": data_note or args.dataset, "memory": mem_kind,

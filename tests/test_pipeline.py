@@ -327,7 +327,7 @@ def test_real_cifar10_jpegs_in_memory_equal_the_dataloader_path(tmp_path, monkey
     for cls in sorted((REAL_DATA / "cifar10-jpeg" / "train").iterdir()):
         (tmp_path / "test" / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[:20]:
-            (tmp_path / "test" / cls.name / f.name).symlink_to(f)
+            (tmp_path / "test" / cls.name / f.name).symlink_to(f.resolve())  # DATA_DIR may be relative
     memory, loader = both_paths(tmp_path, monkeypatch, capsys)
     assert memory.images.shape == (200, 3, 32, 32) and memory.pad == 4
     xm, ym = eval_batches(memory)
