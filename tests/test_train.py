@@ -1,5 +1,6 @@
 """train.py and test.py end to end, on a small MNIST written in the real IDX format, and on real MNIST when present."""
 
+import importlib.util
 import re
 
 import pytest
@@ -10,8 +11,8 @@ import checkpoints
 import imagedata
 import net
 import train
-from conftest import (REAL_DATA, TINY, load, make_folder, make_mnist, run_script, run_train_in_process,
-                      weight_differences)
+from conftest import (REAL_DATA, ROOT, TINY, load, make_folder, make_mnist, run_script,
+                      run_train_in_process, weight_differences)
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +154,21 @@ def test_own_image_folders_train_and_test_py_reads_them(tmp_path):
     assert re.search(r"^test accuracy: \d+/30 = [\d.]+%$", proc.stdout, re.M)
 
 
-def test_help_lists_every_constant():
-    proc = run_script("train.py", "--help", check=True)
-    for name in train.DEFAULTS:
+@pytest.mark.parametrize("script", ["train.py", "test.py", "bench.py"])
+def test_help_lists_every_constant_of_the_settings_block(script):
+    """The three scripts build their command lines one way: each constant of the block frozen right after
+    it is a flag with its comment as help; a constant defined below the freeze is none."""
+    spec = importlib.util.spec_from_file_location(f"settings_of_{script[:-3]}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)  # not `import test`: that is Python's own package
+    spec.loader.exec_module(module)
+    proc = run_script(script, "--help", check=True)
+    for name in module.DEFAULTS:
         assert "--" + name.lower().replace("_", "-") in proc.stdout, name
-    assert "(default: 224)" in proc.stdout  # IMAGE_SIZE, with the comment from the constant's line
-    assert "network input side in pixels" in proc.stdout
+    below = [name for name in vars(module) if name.isupper() and name not in module.DEFAULTS]
+    assert below and not [n for n in below if "--" + n.lower().replace("_", "-") + " " in proc.stdout]
+    if script == "train.py":
+        assert "(default: 224)" in proc.stdout  # IMAGE_SIZE, with the comment from the constant's line
+        assert "network input side in pixels" in proc.stdout
 
 
 @pytest.mark.skipif(not (REAL_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists(),
