@@ -148,7 +148,8 @@ FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", 
                   "save_every_minutes", "label_smoothing", "val_fraction")
 
 
-BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_sgd", "quick")
+BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_sgd", "quick",
+                 "tta")
 
 
 PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir",
@@ -158,6 +159,16 @@ PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir
 def check_seed(name: str, seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"{name} must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+
+
+def check_tta(dataset: str) -> None:
+    """A mirrored digit is no digit: averaging over mirror images suits only data flipped in
+    training."""
+    from imagedata import DATASETS
+    if not DATASETS[dataset].flips:
+        suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
+        raise UserError(f"--tta averages each image with its mirror image, which does not suit "
+                        f"{dataset}; it is for {suited}")
 
 
 def check_path(name: str, value) -> None:
@@ -228,6 +239,8 @@ def check_config(c: dict) -> None:
          f"unknown schedule {{!r}}; choose one of {', '.join(SCHEDULES)}")
     need("amp", lambda v: v in AMP_MODES,
          f"unknown amp mode {{!r}}; choose one of {', '.join(AMP_MODES)}")
+    if given.get("tta") is True and given.get("dataset") in DATASETS:
+        check_tta(given["dataset"])
     need("augment", lambda v: v in ("auto", "on", "off"),
          "--augment must be auto, on or off, got {!r}")
     need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")

@@ -567,6 +567,14 @@ def load_train_val(c: dict, device: torch.device):
     return Subset(train, train_idx), Subset(train, val_idx)
 
 
+def predict(model, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """The model's logits for a batch; with tta, the mean of the logits of each image and of its
+    mirror image (test-time augmentation: the net sees both views of a picture it was trained on
+    with flips)."""
+    logits = model(x)
+    return (logits + model(x.flip(3))) / 2 if tta else logits
+
+
 def augment_enabled(c: dict) -> bool:
     """auto: the dataset table's choice (on for natural images, off for digits and clothes)."""
     return c["augment"] == "on" or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment)

@@ -7,6 +7,7 @@ your own images.
     python test.py --grid 100 --grid-seed 0 --out figs  # 100 random images in figs/predictions.png
     python test.py --image my_digit.png photos/         # your own images (files or folders of them)
     python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
+    python test.py --tta off                            # a model trained with --tta, plain logits
 
 On the test split it prints predicted against actual labels, the accuracy, a per-class table and the
 confusion matrix, and writes confusion.png and predictions.png next to the checkpoint (or to --out).
@@ -54,6 +55,8 @@ TOP_K = 3                # --image: print the K most likely classes with their p
 BATCH_SIZE = 256         # images per forward pass
 DEVICE = "auto"          # auto | cuda | cuda:1 | npu | mps | cpu
 AMP = None               # mixed precision; None: the checkpoint's setting
+TTA = "auto"             # auto | on | off: average the logits of each image and its mirror image;
+                         # auto: as train.py evaluated (the checkpoint's TTA)
 SKIP_BAD_IMAGES = False  # folder test split: leave out unreadable image files (else they stop the
                          # run)
 DATA_DIR = None          # dataset root; None: DATA_DIR from the environment, else the one used
@@ -63,7 +66,8 @@ DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defin
 FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"},
          "grid_seed": {"type": int, "metavar": "SEED"}, "out": {"metavar": "DIR"},
          "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
-         "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES}}
+         "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
+         "tta": {"choices": ("auto", "on", "off")}}
 
 # What a folder given to --image is searched for (recursively). Files named explicitly are tried
 # whatever their name.
@@ -83,14 +87,14 @@ def load_model(path, device):
 
 
 @torch.inference_mode()
-def predict_logits(model, batches, device, amp) -> torch.Tensor:
-    """Logits (float32, on the CPU) of every image of `batches`, in order. Softmax is left to the
-    caller."""
+def predict_logits(model, batches, device, amp, tta: bool = False) -> torch.Tensor:
+    """Logits (float32, on the CPU) of every image of `batches`, in order (tta: averaged with
+    those of the mirror image). Softmax is left to the caller."""
     model.eval()
     logits = []
     for x, _ in batches:
         with devices.autocast(device, amp):
-            logits.append(model(x).float().cpu())
+            logits.append(imagedata.predict(model, x, tta).float().cpu())
     return torch.cat(logits)
 
 
@@ -151,7 +155,7 @@ def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     # never into a wrong DATA_DIR
     data = imagedata.load_split(c, False, device, classes=classes, download=False)
     preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
-                           device, amp).argmax(1)
+                           device, amp, c["tta"]).argmax(1)
     labels = data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
@@ -276,7 +280,7 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes,
                                              mean, std, c["image_size"],
                                              device).batches(torch.arange(len(x)), len(x))
-        probs = torch.softmax(predict_logits(model, batches, device, amp), dim=1)
+        probs = torch.softmax(predict_logits(model, batches, device, amp, c["tta"]), dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
         for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):
             top = ", ".join(f'"{classes[k]}" {p:.2%}' for p, k in zip(ps, ks))
@@ -297,9 +301,14 @@ def main() -> None:
     c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
     c["skip_bad_images"] = args.skip_bad_images
     amp = devices.amp_dtype(device, args.amp or c["amp"])
+    # checkpoints from before the setting evaluated without it
+    c["tta"] = c.get("tta", False) if args.tta == "auto" else args.tta == "on"
+    if c["tta"]:
+        cli.check_tta(c["dataset"])
+    tta_note = ", logits averaged with the mirror image (tta)" if c["tta"] else ""
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} "
           f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "
-          f"trained {ckpt['epoch']} epoch(s)")
+          f"trained {ckpt['epoch']} epoch(s){tta_note}")
     if args.image:
         if predict_files(args, model, c, ckpt["classes"], device, amp):
             sys.exit(2)  # each unreadable path has had its line on stderr already

@@ -264,6 +264,7 @@ BAD_OPTIONS = [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cpu:1"], "--device cpu:1: this machine has 1 CPU device(s)"),
     (["--amp", "fp8"], "unknown amp mode 'fp8'"),
+    (["--tta"], "--tta averages each image with its mirror image, which does not suit mnist"),
 ]
 
 
@@ -740,6 +741,12 @@ def test_grid_seed_out_of_range(saved, data, test_script, capsys):
     code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
                                               "--data-dir", data, "--grid-seed", str(2**64)], capsys)
     assert code == 2 and "--grid-seed must be an integer from 0 to 4294967295" in one_line(err)
+
+
+def test_mirror_averaging_of_a_digit_model_is_refused(saved, data, test_script, capsys):
+    code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
+                                              "--data-dir", data, "--tta", "on"], capsys)
+    assert code == 2 and "which does not suit mnist; it is for fashion-mnist, cifar10, folder" in one_line(err)
 
 
 def test_special_paths(saved, data, tmp_path, test_script, capsys):

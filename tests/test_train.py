@@ -1,5 +1,6 @@
 """train.py and test.py end to end, on a small MNIST written in the real IDX format, and on real MNIST when present."""
 
+import csv
 import importlib.util
 import re
 
@@ -129,6 +130,71 @@ def test_label_smoothing_is_in_the_training_loss_only(tmp_path, monkeypatch):
     calls.clear()
     run_train_in_process(monkeypatch, "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", save)
     assert {s for grad, s in calls if grad} == {0.0}
+
+
+@pytest.mark.quick
+def test_tta_averages_the_logits_of_each_image_and_its_mirror_image():
+    torch.manual_seed(0)
+    model = net.vgg(16, num_classes=3, batch_norm=True, width_div=16).eval()
+    x = torch.randn(4, 3, 32, 32)
+    mirrored = x[..., torch.arange(31, -1, -1)]  # column j from column 31 - j: left and right swap
+    with torch.no_grad():
+        plain, averaged = model(x), (model(x) + model(mirrored)) / 2
+        assert torch.equal(imagedata.predict(model, x), plain)
+        # at initialisation the logits are about 1e-3: compare relative to that
+        assert torch.allclose(imagedata.predict(model, x, tta=True), averaged, rtol=1e-5, atol=1e-9)
+        assert not torch.allclose(averaged, plain, rtol=1e-2, atol=0)
+
+
+def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """--tta: validation (which chooses best.pth) and test are scored on mirror-averaged logits; test.py
+    does the same for such a checkpoint (--tta auto) and prints the accuracy train.py's evaluate gives;
+    --tta off, or a checkpoint from before the setting, scores the plain logits."""
+    data = make_folder(tmp_path / "data", n_train=60, n_test=30)
+    save = tmp_path / "save"
+    run_train_in_process(monkeypatch, *TINY, "--dataset", "folder", "--batch-size", "8", "--epochs", "4", "--tta",
+                         "--amp", "off",
+                         "--data-dir", data, "--save-dir", save)
+    ckpt = load(save / "last.pth")
+    assert ckpt["config"]["tta"] is True
+    c = ckpt["config"]
+    model = net.build_model(c, 3)
+    model.load_state_dict(ckpt["model"])
+    cpu = torch.device("cpu")
+    train_data, val_data = imagedata.load_train_val(c, cpu)
+    test_data = imagedata.load_split(c, False, cpu, classes=ckpt["classes"])
+    with open(save / "metrics.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    for split, data_split in (("test", test_data), ("val", val_data)):
+        mirrored = train.evaluate(model, data_split, 32, cpu, None, tta=True)
+        plain = train.evaluate(model, data_split, 32, cpu, None)
+        # metrics.csv keeps 6 decimals; the plain loss is further off than that (the patches of these
+        # images run across their whole width, so a mirror image changes little)
+        assert float(row[f"{split}_loss"]) == pytest.approx(mirrored[0], abs=2e-6), split
+        assert abs(float(row[f"{split}_loss"]) - plain[0]) > 1e-5, split
+    accuracy = {True: train.evaluate(model, test_data, 32, cpu, None, tta=True)[1],
+                False: train.evaluate(model, test_data, 32, cpu, None)[1]}
+
+    spec = importlib.util.spec_from_file_location("test_script_tta", ROOT / "test.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen, predict = [], imagedata.predict
+    monkeypatch.setattr(imagedata, "predict", lambda m, x, tta=False: seen.append(tta) or predict(m, x, tta))
+    old = {k: v for k, v in ckpt["config"].items() if k != "tta"}
+    checkpoints.save(dict(ckpt, config=old), save / "old.pth")
+    capsys.readouterr()
+    for name, flags, expected in (("last.pth", [], True), ("last.pth", ["--tta", "off"], False),
+                                  ("old.pth", [], False), ("old.pth", ["--tta", "on"], True)):
+        seen.clear()
+        monkeypatch.setattr("sys.argv", ["test.py", "--checkpoint", str(save / name), "--data-dir", str(data),
+                                         "--device", "cpu", "--grid", "0", *flags])
+        script.main()
+        out = capsys.readouterr().out
+        assert seen and set(seen) == {expected}, (name, flags)
+        header = next(line for line in out.splitlines() if line.startswith(str(save / name)))
+        assert ("(tta)" in header) == expected
+        correct = round(accuracy[expected] * 30)
+        assert f"test accuracy: {correct}/30 = {correct / 30:.2%}" in out, (name, flags)
 
 
 def test_same_seed_same_weights(tmp_path, mnist_root):
