@@ -194,7 +194,7 @@ def check_writable(folder: Path) -> None:
 
 
 def previous_run_files(folder: Path) -> list[str]:
-    epochs = sorted(p.name for p in folder.glob("epoch_*.pth"))
+    epochs = [p.name for p in epoch_files(folder)]
     return epochs + [n for n in RUN_FILES if (folder / n).exists()]
 
 
@@ -254,7 +254,9 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
     best = folder / "best.pth"
     if best.exists() or ckpt["epoch"] == 0:
         return True
-    for path in sorted(folder.glob("epoch_*.pth"), reverse=True):
+    # oldest first: training keeps the first epoch that reaches the best accuracy (a tie is no
+    # improvement), so a tie is restored from the first of them too
+    for path in epoch_files(folder):
         try:  # mmap: only the few plain values are read from the disk
             weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
@@ -279,8 +281,17 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
 def rotate(save_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` epoch_NNN.pth (0 keeps all)."""
     if keep > 0:
-        for old in sorted(save_dir.glob("epoch_*.pth"))[:-keep]:
+        for old in epoch_files(save_dir)[:-keep]:
             old.unlink(missing_ok=True)
+
+
+def epoch_files(save_dir: Path) -> list[Path]:
+    """SAVE_DIR's epoch_NNN.pth, oldest first: ordered by the number (past epoch 999 the names
+    grow a digit, and as text "1000" < "999")."""
+    def number(p: Path) -> int:
+        digits = p.stem.removeprefix("epoch_")
+        return int(digits) if digits.isdigit() else -1
+    return sorted(save_dir.glob("epoch_*.pth"), key=lambda p: (number(p), p.name))
 
 
 # ------------------------------------------------------------------------------------- metrics.csv

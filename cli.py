@@ -8,6 +8,8 @@ on stderr and exit code 2.
 """
 
 import argparse
+import ast
+import difflib
 import math
 import os
 import sys
@@ -69,14 +71,28 @@ def _constant_comments(source_file: str) -> dict[str, str]:
     return comments
 
 
+def block_names(source_file: str) -> list[str]:
+    """The UPPERCASE names assigned at the top level of a script above its `DEFAULTS = ...` line:
+    its settings block, whatever values they hold."""
+    tree = ast.parse(Path(source_file).read_bytes())
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        ids = [t.id for t in targets if isinstance(t, ast.Name)]
+        if "DEFAULTS" in ids:
+            break
+        names += [n for n in ids if n.isupper() and n not in names]
+    return names
+
+
 def frozen(namespace: dict) -> MappingProxyType:
-    """A script's settings: the UPPERCASE names of `namespace` (its globals()) that hold plain
-    values (None: "decided later", a string on the command line), in order, as they are when this
-    is called. Called right after the constant block, so a constant defined further down never
-    becomes a flag."""
-    plain = (bool, int, float, str, type(None))
-    return MappingProxyType({k: v for k, v in namespace.items()
-                             if k.isupper() and isinstance(v, plain)})
+    """A script's settings: every UPPERCASE constant of its block (the top-level assignments above
+    `DEFAULTS = cli.frozen(globals())`), in order, as they are when this is called. Called right
+    after the block, so a constant defined further down never becomes a flag. Their values are
+    checked by parse_config (a block with a typo must be one line, not a traceback at import)."""
+    return MappingProxyType({k: namespace[k] for k in block_names(namespace["__file__"])
+                             if k in namespace})
 
 
 def parse_config(defaults: dict, source_file: str, description: str, argv=None,
@@ -90,16 +106,18 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
     Returns (config with lowercase keys, namespace with every option); args.explicit holds the
     settings typed on the command line.
     """
+    script = Path(source_file).name
+    defaults = check_block(defaults, script, flags or {})
     comments = _constant_comments(source_file)
     parser = OneLineParser(description=description,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, value in defaults.items():
         key = name.lower()
         options = {"default": value, "help": comments.get(name, "")}
-        if isinstance(value, bool):
+        kind = setting_kind(key, flags or {})
+        if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
-        else:
-            kind = str if value is None else float if isinstance(value, float) else type(value)
+        else:  # the setting's type, not its literal's: DROPOUT = 0 still takes --dropout 0.3
             options |= {"type": kind, "metavar": kind.__name__.upper()}
         more = (flags or {}).get(key, {})
         if "choices" in more:  # argparse then lists them in place of the metavar
@@ -114,10 +132,88 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
     typed = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
              for a in argv if a.startswith("--")}
     args.explicit = typed & config.keys()
-    # argparse has checked those with choices (bench.py's --dataset synthetic is no dataset of
+    for key, more in (flags or {}).items():  # a value from the source gets argparse's checks too
+        if "choices" in more and config[key] is not None and config[key] not in more["choices"]:
+            raise UserError(f"--{key.replace('_', '-')} must be one of "
+                            f"{', '.join(map(str, more['choices']))}, got {config[key]!r}")
+    # those with choices are checked above (bench.py's --dataset synthetic is no dataset of
     # train.py's)
     check_config({k: v for k, v in config.items() if "choices" not in (flags or {}).get(k, {})})
     return config, args
+
+
+# The settings each script reads, and those of them whose documented value None means "decided
+# later". A constant of a script's block not listed here is a typo; one listed but missing was
+# renamed or deleted: both are one line naming the setting before anything runs.
+SCRIPT_SETTINGS = {
+    "train.py": ("dataset data_dir image_size augment workers skip_bad_images val_fraction tta depth "
+                 "width_div batch_norm dropout epochs batch_size optimizer lr momentum weight_decay "
+                 "label_smoothing schedule warmup_epochs step_epochs step_gamma device amp compile "
+                 "seed save_dir keep save_every_minutes log_every").split(),
+    "test.py": ("checkpoint show show_all grid grid_seed out image invert top_k batch_size device "
+                "amp tta skip_bad_images data_dir").split(),
+    "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
+                 "device amp compile fused_sgd quick json").split(),
+}
+NONE_ALLOWED = {"test.py": {"grid_seed", "out", "image", "amp", "data_dir"},
+                "bench.py": {"workers", "json"}}
+
+
+def setting_kind(key: str, flags: dict) -> type:
+    """The type a setting's values have: from the tables below, whatever the literal in the
+    source; a setting with a fixed set of choices is a string."""
+    if "type" in flags.get(key, {}) or "choices" in flags.get(key, {}):
+        return flags[key].get("type", str)
+    return (int if key in INT_SETTINGS else float if key in FLOAT_SETTINGS
+            else bool if key in BOOL_SETTINGS else str)
+
+
+def check_block(defaults: dict, script: str, flags: dict) -> dict:
+    """The settings block of `script` as the source holds it, checked like a typed value: every
+    setting present, no stray constant (a misspelt name would become a flag nothing reads), each
+    value of its setting's type (an int literal for a float setting becomes a float), None only
+    where documented. A string where a list of paths is expected (test.py's IMAGE) is that one
+    path. Returns the values to use."""
+    known = SCRIPT_SETTINGS.get(script)
+    if known is None:  # a script of someone's own: its literals are its types
+        return dict(defaults)
+    names = [n.lower() for n in defaults]
+    for name in defaults:
+        if name.lower() not in known:
+            close = difflib.get_close_matches(name.lower(), known, n=1)
+            hint = f"; did you mean {close[0].upper()}?" if close else ""
+            raise UserError(f"{name} in {script}'s settings is no setting of {script}{hint}")
+    missing = [k for k in known if k not in names]
+    if missing:
+        raise UserError(f"{script}'s settings block has no {missing[0].upper()} (the setting "
+                        f"--{missing[0].replace('_', '-')}): put it back above DEFAULTS")
+    out = {}
+    for name, value in defaults.items():
+        key = name.lower()
+        kind = setting_kind(key, flags)
+        if key == "image" and isinstance(value, str):
+            value = [value]
+        choices = flags.get(key, {}).get("choices")
+        if choices and value is not None and value not in choices:
+            raise UserError(f"{name} = {value!r} in {script}: --{key.replace('_', '-')} must be "
+                            f"one of {', '.join(map(str, choices))}")
+        if value is None:
+            if key not in NONE_ALLOWED.get(script, ()):
+                raise UserError(f"{name} = None in {script}: {name} takes a {kind.__name__} "
+                                "(None is not one of its values)")
+        elif key == "image":
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                raise UserError(f"{name} in {script} must be a path or a list of paths, got "
+                                f"{value!r}")
+            value = list(value)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            comma = " (a trailing comma makes a tuple)" if isinstance(value, tuple) else ""
+            raise UserError(f"{name} in {script} must be of type {kind.__name__}, got "
+                            f"{value!r}{comma}")
+        out[name] = value
+    return out
 
 
 OPTIMIZERS = ("sgd", "adamw")

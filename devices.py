@@ -156,6 +156,15 @@ def restore_random_state(state: dict, device: torch.device,
     """Put the streams of random_state back. Streams of another device type cannot be (a CUDA
     generator state is 16 bytes, a CPU one 5,056): those start afresh, and the returned line says
     so. Checkpoints that stored no device types hold CPU and augmentation states only."""
+    try:
+        return _restore_random_state(state, device, aug_gen)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"the checkpoint's random-generator state does not fit its device type "
+                        f"({str(e).splitlines()[0][:100]}): it is damaged or was edited") from None
+
+
+def _restore_random_state(state: dict, device: torch.device,
+                          aug_gen: torch.Generator) -> str | None:
     torch.set_rng_state(state["torch"])
     aug_device = state.get("aug_device")
     if aug_device is None:  # no device type stored: tell a CPU generator's state by its size

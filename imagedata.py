@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import QuietStream, UserError, console
 
 @dataclass(frozen=True)
 class Dataset:
@@ -161,23 +161,21 @@ class FolderImages:
 
     def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
                  device: torch.device, workers: int):
-        from torchvision import datasets, transforms
+        from torchvision import transforms
         self.device = device
         self.workers = workers
         normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         resize = transforms.Resize((image_size, image_size), antialias=True)
-        # loader=_open_rgb: ImageFolder's own loader converts to RGB first, clipping 16-bit grey to
-        # white.
-        self.eval_set = datasets.ImageFolder(root, loader=_open_rgb,
-                                             transform=eval_transform(image_size, mean, std))
-        self.train_set = datasets.ImageFolder(root, loader=_open_rgb, transform=transforms.Compose(
+        classes, samples = list_images(root)
+        if classes_expected is not None and classes != list(classes_expected):
+            raise UserError(f"{root} has classes {classes}, but the training set had "
+                            f"{list(classes_expected)}")
+        self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
+        self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(_rgb), resize,
              transforms.RandomCrop(image_size, padding=image_size // 8),
              transforms.RandomHorizontalFlip(), *normalize]))
-        self.classes = self.eval_set.classes
-        if classes_expected is not None and self.classes != list(classes_expected):
-            raise UserError(f"{root} has classes {self.classes}, but the training set had "
-                            f"{list(classes_expected)}")
+        self.classes = classes
         self.labels = torch.tensor(self.eval_set.targets)
         self._loaders = {}
 
@@ -216,9 +214,81 @@ class FolderImages:
     def leave_out(self, paths: set[str]) -> None:
         """Drop these files from the split (unreadable ones the user chose to skip)."""
         for ds in (self.eval_set, self.train_set):
-            ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in paths]
-            ds.targets = [t for _, t in ds.samples]
+            ds.samples = [s for s in ds.samples if s[0] not in paths]
         self.labels = torch.tensor(self.eval_set.targets)
+
+
+# The files a folder dataset (and test.py --image, in folders) takes as images, by suffix.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                  ".ppm", ".pbm", ".pnm")
+
+
+def image_files(folder: Path, others: tuple[Path, ...] = ()) -> list[Path]:
+    """The image files under `folder`, recursively, sorted. Names starting with a dot
+    (.ipynb_checkpoints/, .DS_Store, editors' temporary files) are neither folders to search nor
+    images; links are followed, but never into a folder already visited (a link back up would
+    list the same images again and again). Anything with an image suffix that is not a regular
+    file (a FIFO, a dangling link) is listed, so that reading it reports it. `others`: folders
+    never to enter (a split's root and its other classes, which a link inside one class could
+    otherwise reach)."""
+    found, seen = [], {p.resolve() for p in others} - {folder.resolve()}
+
+    def walk(path: Path) -> None:
+        try:
+            real = path.resolve()
+            if real in seen:
+                return
+            seen.add(real)
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows links
+                walk(Path(entry.path))
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(Path(entry.path))
+    walk(folder)
+    return sorted(found)
+
+
+def list_images(split: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(file, class index)]) of split/CLASS/...: as torchvision's ImageFolder lists
+    them (classes sorted, files sorted within a class), except that names starting with a dot are
+    skipped, links never lead into a folder twice, and .gif counts as an image."""
+    try:
+        classes = sorted(e.name for e in os.scandir(split)
+                         if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise UserError(f"cannot read {split}: {e.strerror or e}") from None
+    if not classes:
+        raise UserError(f"{split} holds no class folders ({split}/CLASS/image.jpg)")
+    samples = [(str(path), k) for k, name in enumerate(classes)
+               for path in image_files(split / name, (split, *(split / c for c in classes)))]
+    empty = sorted(set(classes) - {classes[k] for _, k in samples})
+    if empty:
+        raise UserError(f"{split}: class folder(s) {', '.join(empty)} hold no image files "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return classes, samples
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: (transform(image file i as RGB), its class index), for a list from list_images."""
+
+    def __init__(self, classes: list[str], samples: list[tuple[str, int]], transform):
+        self.classes, self.samples, self.transform = classes, samples, transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [k for _, k in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(_open_rgb(path)), label
 
 
 def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["folder"].std):
@@ -335,6 +405,8 @@ def _is_master() -> bool:
 def _probe(path: str):
     """(width, height) of an image file from its header, or the reason it cannot be opened."""
     from PIL import Image
+    if not os.path.isfile(path):  # a FIFO would block the read for ever; a dangling link
+        return None, ("not a regular file" if os.path.lexists(path) else "a dangling link")
     try:
         with Image.open(path) as im:
             return im.size, None
@@ -427,13 +499,12 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers). Unreadable
     files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
     import time
-    from torchvision import datasets
     t0 = time.perf_counter()
-    listing = datasets.ImageFolder(split, loader=lambda path: path)  # lists the files, reads none
-    if classes_expected is not None and listing.classes != list(classes_expected):
-        raise UserError(f"{split} has classes {listing.classes}, but the training set had "
+    classes, samples = list_images(split)  # lists the files, reads none
+    if classes_expected is not None and classes != list(classes_expected):
+        raise UserError(f"{split} has classes {classes}, but the training set had "
                         f"{list(classes_expected)}")
-    paths = [path for path, _ in listing.samples]
+    paths = [path for path, _ in samples]
     workers = c["workers"]
     probed = _chunked(_probe, paths, workers, f"checking {split}")
     bad = [(p, why) for p, (_, why) in zip(paths, probed) if why]
@@ -467,7 +538,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     bad_paths = {p for p, _ in bad}
     if not len(paths) - len(bad_paths):
         raise UserError(f"{split} holds no readable images")
-    labels = torch.tensor([t for p, t in listing.samples if p not in bad_paths])
+    labels = torch.tensor([t for p, t in samples if p not in bad_paths])
     if fits:
         import numpy as np
         images = torch.from_numpy(
@@ -476,7 +547,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
             print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
                   f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
-        return DeviceImages(images.contiguous(), labels, listing.classes, mean, std,
+        return DeviceImages(images.contiguous(), labels, classes, mean, std,
                             c["image_size"], device, pad=min(w, h) // 8)
     if _is_master():
         print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
@@ -564,6 +635,12 @@ def load_train_val(c: dict, device: torch.device):
     if len(train_idx) == 0:
         raise UserError(f"--val-fraction {c['val_fraction']} leaves no training images "
                         f"of {len(train)}")
+    kept = set(train.labels[train_idx.to(train.labels.device)].tolist())
+    lost = [name for k, name in enumerate(train.classes) if k not in kept]
+    if lost and _is_master():
+        print(f"warning: holding out {len(val_idx)} validation image(s) leaves no training images "
+              f"of class(es) {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}: add images, "
+              "or lower --val-fraction", file=QuietStream(sys.stderr), flush=True)
     return Subset(train, train_idx), Subset(train, val_idx)
 
 

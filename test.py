@@ -69,17 +69,17 @@ FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"},
          "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
          "tta": {"choices": ("auto", "on", "off")}}
 
-# What a folder given to --image is searched for (recursively). Files named explicitly are tried
-# whatever their name.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm",
-                  ".pbm", ".pnm"}
-
-
 def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
     ckpt = checkpoints.load(path, map_location="cpu")
     model = build_model(ckpt["config"], len(ckpt["classes"]))
     checkpoints.load_model_state(model, ckpt["model"], path)
+    bad = [k for k, t in ckpt["model"].items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        cli.console(f"warning: {path} holds values that are not finite in {len(bad)} tensor(s) "
+                    f"(e.g. {bad[0]}): its predictions mean nothing; use an earlier checkpoint",
+                    file=sys.stderr)
     model = model.to(device)
     if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)
@@ -196,11 +196,14 @@ def find_images(paths: list[str], report) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            inside = sorted(f for f in path.rglob("*")
-                            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            inside = imagedata.image_files(path)
             if not inside:
-                report(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            found += inside
+                report(f"{path} holds no image files ({', '.join(imagedata.IMAGE_SUFFIXES)})")
+            for f in inside:  # a FIFO would block the read for ever
+                if f.is_file():
+                    found.append(f)
+                else:
+                    report(f"{f} is not a regular file")
         elif path.is_file():
             found.append(path)
         elif path.exists():  # a FIFO or a device: opening it could block for ever

@@ -304,9 +304,9 @@ class TrainingState:
         """The full training state as last.pth holds it. epoch/step: epochs completed, and steps
         done in the next one; partial: this process's totals so far in that epoch (summed here over
         all processes). Every process must call this: it gathers their random states."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not all_finite(self.model, run):
             raise Diverged(f"epoch {epoch + 1 if step else epoch}, step {step} "
-                           "(the weights are no longer finite)")
+                           "(the weights or the BatchNorm statistics are no longer finite)")
         partial = partial.summed(run.device, run.distributed)
         rng = devices.random_state(run.device, self.aug_gen)
         rngs = [None] * run.world
@@ -320,6 +320,18 @@ class TrainingState:
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
                 "best_acc": self.best_acc, "config": run.config, "classes": run.classes,
                 "world": run.world, "rng": rngs, "partial": partial.as_list()}
+
+
+def all_finite(model: torch.nn.Module, run: Run) -> bool:
+    """Whether every parameter and floating-point buffer (BatchNorm's running statistics) is
+    finite, on every process: all of them must then agree to save or to stop."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    if run.distributed:
+        flag = torch.tensor([float(finite)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
 
 
 def build_state(run: Run, ckpt: dict | None) -> TrainingState:
@@ -489,6 +501,12 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
         ckpt["config"].setdefault("tta", False)  # likewise
         config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
         cli.check_config(config)
+        done, step = ckpt["epoch"], ckpt["step"]
+        if config["epochs"] < done + (1 if step else 0) or config["epochs"] == done and not step:
+            where = (f"is in epoch {done + 1} (step {step})" if step else
+                     f"has finished {done} epoch(s)")
+            raise UserError(f"--epochs {config['epochs']}: {last_path} {where}; give --epochs "
+                            f"{done + 1} or more to train on (python test.py tests its best.pth)")
         return config, ckpt
     if not args.overwrite and (found := checkpoints.previous_run_files(last_path.parent)):
         if last_path.exists():
@@ -544,6 +562,9 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
     # maximum.
     test_loss, test_acc = evaluate(state.model, test_data, batch, device, amp, run.rank, run.world,
                                    tta)
+    # the same values on every process (summed across them), so all stop together
+    if not all(map(math.isfinite, (test_loss, *((val_loss,) if has_val else ())))):
+        raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
     seconds = time.perf_counter() - t0
     lr = state.optimizer.param_groups[0]["lr"]
     is_best = not has_val or epoch == 0 or val_acc > state.best_acc

@@ -1,0 +1,122 @@
+"""What a folder dataset is made of: which names are classes and images, and what is never one.
+
+Each test builds a small folder of real PNG/GIF files and loads it through imagedata's real code.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import imagedata
+from conftest import make_folder
+
+pytestmark = pytest.mark.quick
+CPU = torch.device("cpu")
+
+
+def config(root: Path, **more) -> dict:
+    return {"dataset": "folder", "data_dir": str(root), "image_size": 32, "workers": 0,
+            "skip_bad_images": False, "val_fraction": 0.0, "seed": 0} | more
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a FIFO that is opened blocks until someone writes to it)."""
+    def timeout(*_):
+        raise AssertionError(f"blocked for {seconds} s")
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return make_folder(tmp_path / "data", n_train=12, n_test=6, classes=("cat", "dog"))
+
+
+def png(path: Path, fmt: str = "PNG") -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(path, format=fmt)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(root):
+    for split in ("train", "test"):
+        png(root / split / ".ipynb_checkpoints" / "cat-checkpoint.png")
+        png(root / split / "cat" / ".ipynb_checkpoints" / "x.png")
+        png(root / split / "cat" / ".hidden.png")
+    train = imagedata.load_split(config(root), True, CPU)
+    test = imagedata.load_split(config(root), False, CPU, classes=train.classes)
+    assert train.classes == ["cat", "dog"] and len(train) == 12 and len(test) == 6
+
+
+def test_gif_files_are_images(root):
+    png(root / "train" / "cat" / "moving.gif", "GIF")
+    assert len(imagedata.load_split(config(root), True, CPU)) == 13
+
+
+def test_a_fifo_in_a_class_folder_is_one_line_not_a_hang(root):
+    os.mkfifo(root / "train" / "cat" / "x.png")
+    with deadline(60), pytest.raises(cli.UserError) as e:
+        imagedata.load_split(config(root), True, CPU)
+    assert "x.png" in str(e.value) and "not a regular file" in str(e.value)
+    with deadline(60):  # or left out, as any unreadable image
+        assert len(imagedata.load_split(config(root, skip_bad_images=True), True, CPU)) == 12
+
+
+def test_a_link_back_up_is_not_followed_twice(root):
+    (root / "train" / "cat" / "up").symlink_to("..")
+    (root / "train" / "dog" / "loop").symlink_to(".")
+    data = imagedata.load_split(config(root), True, CPU)
+    assert len(data) == 12 and data.classes == ["cat", "dog"]
+
+
+def test_links_to_other_folders_are_followed(root, tmp_path):
+    png(tmp_path / "elsewhere" / "far.png")
+    (root / "train" / "cat" / "more").symlink_to(tmp_path / "elsewhere")
+    assert len(imagedata.load_split(config(root), True, CPU)) == 13
+
+
+def test_the_streamed_path_lists_the_same_files(root):
+    png(root / "train" / ".ipynb_checkpoints" / "a.png")
+    png(root / "train" / "cat" / "moving.gif", "GIF")
+    (root / "train" / "cat" / "up").symlink_to("..")
+    data = imagedata.FolderImages(root / "train", None, (0.5,) * 3, (0.5,) * 3, 32, CPU, 0)
+    assert data.classes == ["cat", "dog"] and len(data) == 13
+
+
+def test_own_images_skip_hidden_names_and_report_a_fifo(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("test_script_folders",
+                                                  Path(__file__).parent.parent / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    png(tmp_path / "photos" / "a.png")
+    png(tmp_path / "photos" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    png(tmp_path / "photos" / "._a.png")
+    os.mkfifo(tmp_path / "photos" / "pipe.png")
+    reported = []
+    with deadline(60):
+        found = module.find_images([str(tmp_path / "photos")], reported.append)
+    assert found == [tmp_path / "photos" / "a.png"]
+    assert len(reported) == 1 and "pipe.png" in reported[0]
+
+
+def test_one_image_per_class_with_a_validation_split_warns(tmp_path, capsys):
+    for k in ("a", "b", "c"):
+        png(tmp_path / "d" / "train" / k / "1.png")
+        png(tmp_path / "d" / "test" / k / "1.png")
+    imagedata.load_train_val(config(tmp_path / "d", val_fraction=0.5), CPU)
+    err = capsys.readouterr().err
+    assert "warning" in err and "no training images" in err, err
