@@ -461,7 +461,7 @@ def _chunked(fn, items: list, workers: int, desc: str) -> list:
     from tqdm import tqdm
     out = []
     bar = tqdm(total=len(items), desc=desc, disable=not _is_master() or len(items) < 1000,
-               leave=False, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True, file=QuietStream(sys.stderr))
     chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
     if workers == 0 or len(chunks) < 2:
         results = map(partial(_map, fn), chunks)
@@ -534,7 +534,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
             raise UserError(bad_files_line(bad, split) + " (fix or remove them, or skip them with "
                             "--skip-bad-images)")
         if _is_master():
-            print(f"skipping {bad_files_line(bad, split)}", file=sys.stderr, flush=True)
+            console(f"skipping {bad_files_line(bad, split)}", file=sys.stderr)
     bad_paths = {p for p, _ in bad}
     if not len(paths) - len(bad_paths):
         raise UserError(f"{split} holds no readable images")
@@ -544,16 +544,15 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
         images = torch.from_numpy(
             np.stack([a for a, _ in decoded if a is not None])).permute(0, 3, 1, 2)
         if _is_master():
-            print(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
-                  f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
+            console(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
+                    f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
         return DeviceImages(images.contiguous(), labels, classes, mean, std,
                             c["image_size"], device, pad=min(w, h) // 8)
     if _is_master():
-        print(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
-              f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader workers "
-              "every epoch",
-              flush=True)
+        console(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
+                f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
+                "workers every epoch")
     data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
     if bad_paths:
         data.leave_out(bad_paths)
@@ -638,9 +637,9 @@ def load_train_val(c: dict, device: torch.device):
     kept = set(train.labels[train_idx.to(train.labels.device)].tolist())
     lost = [name for k, name in enumerate(train.classes) if k not in kept]
     if lost and _is_master():
-        print(f"warning: holding out {len(val_idx)} validation image(s) leaves no training images "
+        console(f"warning: holding out {len(val_idx)} validation image(s) leaves no training images "
               f"of class(es) {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}: add images, "
-              "or lower --val-fraction", file=QuietStream(sys.stderr), flush=True)
+              "or lower --val-fraction", file=sys.stderr)
     return Subset(train, train_idx), Subset(train, val_idx)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UserError
 
 # beyond this the confusion matrix is too wide to read: the worst pairs are listed
 MAX_MATRIX_CLASSES = 30
@@ -68,11 +67,27 @@ def plot_curves(csv_path, png_path) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
+    """Write a picture whole or not at all (a temporary file renamed into place, also when Ctrl-C
+    or a full disk cuts it short). A picture that cannot be drawn or written is a warning: it never
+    stops the printed report."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, or a name matplotlib cannot lay out
+        print(f"warning: could not write {path}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {path}")
+
+
+def printable(name: str) -> str:
+    """A class name as it can be printed and drawn: bytes of a folder name that are not UTF-8
+    (kept by Python as lone surrogates) shown as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:

@@ -149,11 +149,11 @@ def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
 
 
 def evaluate_split(args, model, ckpt, c, device, amp) -> None:
-    classes = ckpt["classes"]
     # before the evaluation, which can take a while: fail early if it cannot be made
     out = output_dir(args)
     # never into a wrong DATA_DIR
-    data = imagedata.load_split(c, False, device, classes=classes, download=False)
+    data = imagedata.load_split(c, False, device, classes=ckpt["classes"], download=False)
+    classes = [plots.printable(name) for name in ckpt["classes"]]
     preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
                            device, amp, c["tta"]).argmax(1)
     labels = data.labels.cpu()
@@ -313,16 +313,18 @@ def main() -> None:
           f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "
           f"trained {ckpt['epoch']} epoch(s){tta_note}")
     if args.image:
-        if predict_files(args, model, c, ckpt["classes"], device, amp):
+        if predict_files(args, model, c, [plots.printable(n) for n in ckpt["classes"]], device,
+                         amp):
             sys.exit(2)  # each unreadable path has had its line on stderr already
     else:
         evaluate_split(args, model, ckpt, c, device, amp)
 
 
 if __name__ == "__main__":
+    # Output nobody reads (python test.py | head -1) never stops the report or the pictures.
+    sys.stdout, sys.stderr = cli.QuietStream(sys.stdout), cli.QuietStream(sys.stderr)
     try:
         cli.run_main(main)
-    except BrokenPipeError:  # python test.py --show-all | head: the reader has all it wanted
-        # so the exit flush is silent too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: one line; every picture is written whole or not at all
+        print("test.py: stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)

@@ -120,3 +120,30 @@ def test_one_image_per_class_with_a_validation_split_warns(tmp_path, capsys):
     imagedata.load_train_val(config(tmp_path / "d", val_fraction=0.5), CPU)
     err = capsys.readouterr().err
     assert "warning" in err and "no training images" in err, err
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+def test_a_folder_run_survives_output_nobody_reads(script, root, tmp_path):
+    """python train.py ... | head -1 on a folder dataset: the decode's line on stdout used to raise
+    BrokenPipeError, reported as an unreadable image. The run goes on, and test.py still writes its
+    pictures."""
+    import subprocess
+    from conftest import ROOT, TINY, run_script
+    save = tmp_path / "save"
+    if script == "test.py":
+        run_script("train.py", *TINY, "--dataset", "folder", "--data-dir", root, "--save-dir", save,
+                   "--workers", "0", check=True)
+        args = ["--checkpoint", save / "best.pth", "--device", "cpu", "--show-all"]
+    else:
+        args = [*TINY, "--dataset", "folder", "--data-dir", root, "--save-dir", save, "--workers", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader has gone before the first line
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "error" not in err, err
+    if script == "train.py":
+        assert torch.load(save / "last.pth", weights_only=True)["epoch"] == 1
+    else:
+        assert (save / "confusion.png").stat().st_size > 0
+        assert (save / "predictions.png").stat().st_size > 0
