@@ -1,6 +1,7 @@
 """Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
 import os
+import signal
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -100,6 +101,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ---------------------------------------------------------------------------------------- torchrun
+
+# Signals that ask a run to save and stop: Ctrl-C, a scheduler's or torchrun's SIGTERM, a closed
+# terminal or ssh session (SIGHUP), and the pre-emption warning some schedulers send (SIGUSR1).
+# Windows has only the first two.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+
 
 def setup_distributed() -> tuple[int, int, int | None]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, None) for a plain run."""

@@ -62,6 +62,23 @@ DATASETS = {
 SEED_MIX, EPOCH_MIX, VAL_OFFSET = 1_000_003, 1_009, 999_983
 
 
+def choose_data_dir(typed: str | None, stored: str | None, default: str) -> tuple[str, str]:
+    """(dataset root, where it came from), one rule for train.py --resume and test.py: a typed
+    --data-dir wins, then the folder the checkpoint names while it exists, then `default` (DATA_DIR
+    from the environment, else ./data)."""
+    if typed is not None:
+        return typed, "--data-dir"
+    if stored is not None and Path(stored).is_dir():
+        return stored, "the checkpoint (--data-dir overrides it)"
+    where = "DATA_DIR" if os.environ.get("DATA_DIR") else "the default ./data"
+    if stored is not None:
+        where += (f", since the checkpoint's {stored} is not a folder seen from {Path.cwd()}; "
+                  "--data-dir names another")
+    else:
+        where += "; --data-dir names another"
+    return default, where
+
+
 def _torchvision_split(name: str, root: str, train: bool, download: bool = True):
     """The torchvision dataset object; downloads when absent (if `download`), one line when that
     fails."""
@@ -301,11 +318,12 @@ def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C and SIGTERM reach the whole process group (and SLURM signals
+    """In a DataLoader worker: Ctrl-C, SIGTERM and the other stop signals reach the whole process group (and SLURM signals
     every process), but only the main process may act on them; a worker that died would end the run
     before last.pth is written."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import devices
+    for signum in devices.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -494,9 +512,12 @@ def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
     return f"{len(bad)} unreadable image file(s) under {split}: {shown}{more}"
 
 
-def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device):
+def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device,
+                in_memory: bool | None = None):
     """A folder split, every file checked first: as a DeviceImages when its decoded images fit
-    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers). Unreadable
+    FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers); in_memory
+    True/False: that path whatever the memory (a resumed run keeps the path it began on, since
+    the two draw their augmentation differently). Unreadable
     files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
     import time
     t0 = time.perf_counter()
@@ -518,7 +539,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
     if w > side or h > side:
         w, h = side, side
     need = len(paths) * 3 * w * h
-    fits = need <= FOLDER_MEMORY_SHARE * _free_memory(device)
+    fits = (need <= FOLDER_MEMORY_SHARE * _free_memory(device) if in_memory is None
+            else in_memory)
     ok = [i for i, (_, why) in enumerate(probed) if not why]
     if fits:
         decoded = _chunked(_decode, [(paths[i], (w, h)) for i in ok], workers, f"decoding {split}")
@@ -562,7 +584,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
 # -------------------------------------------------------------------- splits, shuffles and batches
 
 def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
-               download: bool = True):
+               download: bool = True, in_memory: bool | None = None):
     """The training or test split named by config c, ready to hand out batches on `device`
     (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
     on disk is an error, and nothing is created."""
@@ -575,7 +597,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
                             f"--dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
         try:
-            return load_folder(split, classes, mean, std, c, device)
+            return load_folder(split, classes, mean, std, c, device, in_memory)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {split}: {e}") from None
     ds = _torchvision_split(c["dataset"], str(root), train, download)
@@ -588,6 +610,11 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
                         flip=DATASETS[c["dataset"]].flips)
+
+
+def in_memory(data) -> bool:
+    """Whether a split (or a part of one) is kept in memory as a DeviceImages."""
+    return isinstance(getattr(data, "data", data), DeviceImages)
 
 
 class Subset:
@@ -621,11 +648,11 @@ def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def load_train_val(c: dict, device: torch.device):
+def load_train_val(c: dict, device: torch.device, in_memory: bool | None = None):
     """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/
     uses it as the validation split and the whole of train/; otherwise c["val_fraction"] of the
     training images are held out (0: none)."""
-    train = load_split(c, True, device)
+    train = load_split(c, True, device, in_memory=in_memory)
     if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
         return train, load_split(c, "val", device, classes=train.classes)
     if c["val_fraction"] <= 0:

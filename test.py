@@ -59,8 +59,8 @@ TTA = "auto"             # auto | on | off: average the logits of each image and
                          # auto: as train.py evaluated (the checkpoint's TTA)
 SKIP_BAD_IMAGES = False  # folder test split: leave out unreadable image files (else they stop the
                          # run)
-DATA_DIR = None          # dataset root; None: DATA_DIR from the environment, else the one used
-                         # for training
+DATA_DIR = None          # dataset root; None: the one used for training while it exists, else
+                         # DATA_DIR from the environment, else ./data
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
 FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"},
@@ -301,7 +301,8 @@ def main() -> None:
     device = devices.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])
-    c["data_dir"] = args.data_dir or os.environ.get("DATA_DIR") or c["data_dir"]
+    c["data_dir"], data_from = imagedata.choose_data_dir(args.data_dir, c.get("data_dir"),
+                                                         os.environ.get("DATA_DIR") or "data")
     c["skip_bad_images"] = args.skip_bad_images
     amp = devices.amp_dtype(device, args.amp or c["amp"])
     # checkpoints from before the setting evaluated without it
@@ -317,7 +318,12 @@ def main() -> None:
                          amp):
             sys.exit(2)  # each unreadable path has had its line on stderr already
     else:
-        evaluate_split(args, model, ckpt, c, device, amp)
+        try:
+            evaluate_split(args, model, ckpt, c, device, amp)
+        except UserError as e:  # say where the folder came from when the user did not type it
+            if data_from == "--data-dir":
+                raise
+            raise UserError(f"{e} (data folder {c['data_dir']} from {data_from})") from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Then `python test.py` reloads save_model/best.pth and shows predicted against ac
 
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -145,8 +146,8 @@ class Preemption:
         self.steps_since_agreement, self.agree_every = 0, 1
 
     def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
+        for signum in devices.STOP_SIGNALS:
+            signal.signal(signum, self)
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT and not self.distributed:
@@ -185,6 +186,15 @@ class Preemption:
             raise Diverged(f"epoch {epoch + 1}, step {steps_per_epoch - int(bad) + 1}")
         self.signal = int(signum) or None
         return bool(signum), bool(save)
+
+
+def continue_command(run: "Run") -> str:
+    """The command that continues this run (its data folder is in last.pth)."""
+    start = (f"torchrun --nproc_per_node={run.world} train.py" if run.distributed
+             else "python train.py")
+    save = ("" if Path(run.config["save_dir"]) == Path(DEFAULTS["SAVE_DIR"])
+            else f" --save-dir {shlex.quote(str(run.config['save_dir']))}")
+    return f"{start} --resume{save}"
 
 
 def extra_options(parser) -> None:
@@ -262,6 +272,8 @@ class Run:
     rank: int = 0
     world: int = 1
     steps_per_epoch: int = 1
+    folder_in_memory: bool | None = None  # a folder's training images: decoded in memory or read
+                                          # by DataLoader workers (None: not a folder)
 
     @property
     def distributed(self) -> bool:
@@ -319,7 +331,8 @@ class TrainingState:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
                 "best_acc": self.best_acc, "config": run.config, "classes": run.classes,
-                "world": run.world, "rng": rngs, "partial": partial.as_list()}
+                "world": run.world, "rng": rngs, "partial": partial.as_list(),
+                "folder_in_memory": run.folder_in_memory}
 
 
 def all_finite(model: torch.nn.Module, run: Run) -> bool:
@@ -458,7 +471,7 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
                 bar.close()
                 name = signal.Signals(preemption.signal).name
                 run.log(f"stopped by {name} at epoch {epoch + 1}, step {step}; saved "
-                        f"{run.last_path}; continue with: python train.py --resume",
+                        f"{run.last_path}; continue with: {continue_command(run)}",
                         file=sys.stderr)
                 sys.exit(128 + preemption.signal)
     bar.close()
@@ -491,6 +504,8 @@ def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: in
 def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
     """(the run's settings, last.pth or None): decided before anything in SAVE_DIR is written."""
     last_path = Path(config["save_dir"]) / "last.pth"
+    args.data_from = imagedata.choose_data_dir(
+        config["data_dir"] if "data_dir" in args.explicit else None, None, config["data_dir"])[1]
     if args.resume:
         ckpt = checkpoints.load(last_path)
         if "optimizer" not in ckpt:
@@ -499,7 +514,11 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
         ckpt["config"].setdefault("val_fraction", 0.0)
         ckpt["config"].setdefault("label_smoothing", 0.0)  # checkpoints from before the setting
         ckpt["config"].setdefault("tta", False)  # likewise
-        config = merge_resumed_config(ckpt["config"], config, args.explicit, log)
+        typed = config["data_dir"] if "data_dir" in args.explicit else None
+        data_dir, args.data_from = imagedata.choose_data_dir(
+            typed, ckpt["config"].get("data_dir"), config["data_dir"])
+        config = merge_resumed_config(ckpt["config"], config | {"data_dir": data_dir},
+                                      args.explicit, log)
         cli.check_config(config)
         done, step = ckpt["epoch"], ckpt["step"]
         if config["epochs"] < done + (1 if step else 0) or config["epochs"] == done and not step:
@@ -518,10 +537,25 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
     return config, None
 
 
+def check_save_dir_outside_data(c: dict) -> None:
+    """A save folder inside a folder dataset's train/, val/ or test/ would become a class of it."""
+    if c["dataset"] != "folder":
+        return
+    save = Path(c["save_dir"]).resolve()
+    for split in ("train", "val", "test"):
+        folder = (Path(c["data_dir"]) / split).resolve()
+        if save.is_relative_to(folder):
+            raise UserError(f"--save-dir {c['save_dir']} is inside the dataset's {split}/ "
+                            f"({folder}), where it would become a class: pick a folder outside it")
+
+
 def load_data(c: dict, device: torch.device, world: int, ckpt: dict | None):
     """(train, validation or None, test) splits, checked against the run: two classes at least, the
     classes the checkpoint was trained on, an image for every process."""
-    train_data, val_data = imagedata.load_train_val(c, device)
+    # a folder resumes on the path it began on (last.pth says which): the two paths draw their
+    # augmentation differently
+    stored = ckpt.get("folder_in_memory") if ckpt is not None else None
+    train_data, val_data = imagedata.load_train_val(c, device, in_memory=stored)
     test_data = imagedata.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
     if len(classes) < 2:
@@ -625,6 +659,7 @@ def main() -> tuple[TrainingState, dict]:
     rank, world, local_rank = devices.setup_distributed()
     log = console if rank == 0 else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
+    check_save_dir_outside_data(config)  # before the lock creates it
     if rank == 0:
         checkpoints.lock_save_dir(save_dir)
     c, ckpt = start_or_resume(config, args, log)
@@ -637,9 +672,15 @@ def main() -> tuple[TrainingState, dict]:
         devices.init_distributed(device, c["device"], local_rank)
     devices.prepare(device)
     amp, amp_reason = devices.amp_choice(device, c["amp"])
-    train_data, val_data, test_data = load_data(c, device, world, ckpt)
+    try:
+        train_data, val_data, test_data = load_data(c, device, world, ckpt)
+    except UserError as e:  # say where the folder came from when the user did not type it
+        if args.data_from == "--data-dir":
+            raise
+        raise UserError(f"{e} (data folder {c['data_dir']} from {args.data_from})") from None
     run = Run(c, train_data.classes, device, amp, rank, world,
-              imagedata.steps_per_epoch(len(train_data), c["batch_size"], world))
+              imagedata.steps_per_epoch(len(train_data), c["batch_size"], world),
+              imagedata.in_memory(train_data) if c["dataset"] == "folder" else None)
 
     # ---- from here on, out of memory is one line with a batch size that fits
     with devices.out_of_memory_explained(c, device, amp, len(run.classes)):

@@ -134,8 +134,9 @@ def run_script(script: str, *args, env=None, timeout=600, check=False) -> subpro
 def run_train_in_process(monkeypatch, *args):
     """train.run() as `python train.py ARGS` runs it, in this process; returns what it returns (the final
     training state and the last epoch's results). Its signal handlers are undone after."""
+    import devices
     import train
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
     try:
         return train.run()

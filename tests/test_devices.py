@@ -347,7 +347,7 @@ def test_a_slow_cpu_epoch_is_announced_with_the_cpu_recipe(monkeypatch, tmp_path
 
 @pytest.mark.quick
 def test_signals_are_kept_for_the_save_and_a_second_ctrl_c_stops_at_once(monkeypatch, capsys):
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
     try:
         stop = train.Preemption(distributed=False)
         stop.install()

@@ -147,3 +147,36 @@ def test_a_folder_run_survives_output_nobody_reads(script, root, tmp_path):
     else:
         assert (save / "confusion.png").stat().st_size > 0
         assert (save / "predictions.png").stat().st_size > 0
+
+
+def test_a_save_folder_inside_the_data_is_refused_before_it_is_created(root, tmp_path, capsys,
+                                                                         monkeypatch):
+    from conftest import TINY, run_train_in_process
+    for inside in ("train/runs", "test/x/y"):
+        with pytest.raises(SystemExit) as e:
+            run_train_in_process(monkeypatch, *TINY, "--dataset", "folder", "--data-dir", root,
+                                 "--save-dir", root / inside)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "--save-dir" in err, err
+        assert not (root / inside.split("/")[0] / inside.split("/")[1]).exists()
+    # and a later run on the same data is not broken by it
+    assert imagedata.load_split(config(root), True, CPU).classes == ["cat", "dog"]
+
+
+def test_a_resume_keeps_the_path_its_folder_began_on(tmp_path, monkeypatch):
+    """Decoded into memory at the start, streamed by DataLoader workers on a busier machine: the two
+    paths augment differently, so last.pth says which one the run began on and --resume keeps it.
+    One epoch, then --resume to two while the memory check would choose streaming, gives the
+    weights of two epochs straight."""
+    from conftest import TINY, load, run_train_in_process, weight_differences
+    root = make_folder(tmp_path / "data", n_train=24, n_test=6, classes=("cat", "dog"))
+    run = [*TINY, "--dataset", "folder", "--data-dir", root, "--workers", "0", "--batch-size", "8",
+           "--schedule", "constant", "--val-fraction", "0"]
+    run_train_in_process(monkeypatch, *run, "--epochs", "2", "--save-dir", tmp_path / "straight")
+    assert load(tmp_path / "straight" / "last.pth")["folder_in_memory"] is True
+    run_train_in_process(monkeypatch, *run, "--epochs", "1", "--save-dir", tmp_path / "split")
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)  # now it would be streamed
+    run_train_in_process(monkeypatch, *run, "--resume", "--epochs", "2",
+                         "--save-dir", tmp_path / "split")
+    assert not weight_differences(load(tmp_path / "split" / "last.pth")["model"],
+                                  load(tmp_path / "straight" / "last.pth")["model"])

@@ -23,6 +23,7 @@ import torch
 
 import checkpoints
 import cli
+import devices
 import imagedata
 import net
 import train
@@ -125,13 +126,18 @@ def test_own_image_folders_with_augmentation_resume_exactly(tmp_path):
     assert not weight_differences(load(save / "last.pth")["model"], load(tmp_path / "straight" / "last.pth")["model"])
 
 
-def test_ctrl_c_is_handled_like_sigterm(data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1],
+                         ids=["ctrl-c", "hangup", "usr1"])
+def test_ctrl_c_hangup_and_usr1_are_handled_like_sigterm(signum, data, tmp_path):
+    """Ctrl-C, a closed terminal (SIGHUP) and a scheduler's warning (SIGUSR1) save and stop; the line
+    names the command that continues this run, its --save-dir included."""
     proc = popen(*RUN, "--data-dir", data, "--save-dir", tmp_path)
     wait_for(lambda: (tmp_path / "epoch_001.pth").exists(), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT
-    assert "stopped by SIGINT" in err and "Traceback" not in err
+    assert proc.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert f"python train.py --resume --save-dir {tmp_path}" in err
     assert load(tmp_path / "last.pth")["step"] > 0
 
 
@@ -461,7 +467,7 @@ def small(tmp_path_factory):
 @pytest.fixture
 def handlers():
     """train.main installs its own SIGINT/SIGTERM handlers: put pytest's back after an in-process run."""
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
     yield
     for s, h in old.items():
         signal.signal(s, h)

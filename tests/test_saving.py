@@ -176,3 +176,37 @@ def test_resume_with_fewer_epochs_than_done_is_one_line(tmp_path, monkeypatch, c
         run_train_in_process(monkeypatch, *args, "--resume", "--epochs", "1")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--epochs 1" in err and "2" in err, err
+
+
+def test_resume_and_test_find_the_data_folder_by_one_rule(tmp_path, monkeypatch, capsys):
+    """A typed --data-dir wins, then the folder the checkpoint names while it exists, then DATA_DIR,
+    then ./data: --resume --save-dir X without --data-dir continues on the run's own data (it used
+    to fall back to ./data), and test.py on the checkpoint ignores a DATA_DIR exported for
+    another dataset (README's CIFAR-10 recipe, followed verbatim)."""
+    from conftest import ROOT, run_script
+    root = make_mnist(tmp_path / "d", n_train=16, n_test=8)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "elsewhere"))
+    args = [*TINY, "--batch-size", "8", "--save-dir", tmp_path / "s"]
+    run_train_in_process(monkeypatch, *args, "--data-dir", root)
+    monkeypatch.setattr(train, "DEFAULTS", {**train.DEFAULTS, "DATA_DIR": str(tmp_path / "elsewhere")})
+    state, _ = run_train_in_process(monkeypatch, *args, "--resume", "--epochs", "2")
+    assert state.epoch == 2
+    proc = run_script("test.py", "--checkpoint", tmp_path / "s" / "best.pth", "--device", "cpu",
+                      env={"DATA_DIR": str(tmp_path / "elsewhere")})
+    assert proc.returncode == 0 and "test accuracy: " in proc.stdout, proc.stderr
+
+
+def test_a_relative_data_folder_from_another_working_directory_says_where_it_came_from(tmp_path):
+    import subprocess
+    from conftest import ROOT
+    c = tiny_config(data_dir="rel/d")
+    checkpoints.save({"model": net.build_model(c, 10).state_dict(), "config": c,
+                      "classes": [str(k) for k in range(10)], "epoch": 1}, tmp_path / "m.pth")
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    proc = subprocess.run([sys.executable, str(ROOT / "test.py"), "--checkpoint", "m.pth",
+                           "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "rel/d" in line and "checkpoint" in line
+    assert "--data-dir" in line
