@@ -137,6 +137,24 @@ def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
     dist.init_process_group(backend)
 
 
+def check_same_settings(settings: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Every process of a torchrun run must train with rank 0's settings (one started with another
+    --lr would train apart without a word, one with another --width-div fail deep inside DDP).
+    Rank 0 names the first difference in one line; the others exit quietly."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, settings)
+    first = gathered[0]
+    for rank, other in enumerate(gathered[1:], start=1):
+        keys = [k for k in {**first, **other} if k not in ignore and other.get(k) != first.get(k)]
+        if keys:
+            if dist.get_rank() != 0:
+                raise SystemExit(2)
+            key = keys[0]
+            raise UserError(f"process {rank} of this torchrun run was started with "
+                            f"--{key.replace('_', '-')} {other.get(key)!r}, process 0 with "
+                            f"{first.get(key)!r}: start every process with the same settings")
+
+
 def sum_across(values: list[float], device, distributed: bool) -> list[float]:
     """Sum per-process totals over all processes (identity for a plain run). float32, since neither
     MPS nor HCCL (Ascend) has float64; counts stay exact up to 2**24 images."""

@@ -670,6 +670,9 @@ def main() -> tuple[TrainingState, dict]:
     device = devices.pick_device(c["device"], local_rank)
     if world > 1:
         devices.init_distributed(device, c["device"], local_rank)
+        # the data folder and the workers are the node's own
+        devices.check_same_settings(config | {"resume": args.resume, "overwrite": args.overwrite},
+                                    ignore=("data_dir", "workers"))
     devices.prepare(device)
     amp, amp_reason = devices.amp_choice(device, c["amp"])
     try:
@@ -732,11 +735,19 @@ def run() -> tuple[TrainingState, dict] | None:
               "is kept (try a lower --lr, or --amp off)", file=sys.stderr)
         sys.exit(3)
     except Exception as e:
-        if not devices.is_out_of_memory(e):
-            raise
-        print("train.py: error: out of memory before training began "
-              f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
-        sys.exit(2)
+        if devices.is_out_of_memory(e):
+            print("train.py: error: out of memory before training began "
+                  f"({str(e).splitlines()[0][:200]})", file=sys.stderr)
+            sys.exit(2)
+        if "RANK" in os.environ and isinstance(e, RuntimeError):
+            # under torchrun: a collective failed because another process ended (kill -9, a
+            # crash); torch gives no more than its error to tell it by
+            print("train.py: error: exchanging data with the other processes failed; another "
+                  "process of this torchrun run has probably stopped "
+                  f"({str(e).splitlines()[0][:160]}); last.pth holds the last save",
+                  file=sys.stderr)
+            sys.exit(1)
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
         print("train.py: stopped by a second Ctrl-C; last.pth holds the last save", file=sys.stderr)
         sys.exit(130)

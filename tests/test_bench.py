@@ -23,6 +23,15 @@ def test_quick_bench_prints_every_pipeline(tmp_path):
     results = json.loads(out.read_text())
     assert [r["pipeline"] for r in results["pipelines"]] == ["a", "b", "c"]
     assert all(r["images_per_s"] > 0 and r["flops_per_image"] > 0 for r in results["pipelines"])
+    # The ratio column against images/s recomputed from the step times (batch 64 / median step):
+    # a ratio printed upside down would make a speed-up look like a slow-down.
+    import statistics
+    speed = {r["pipeline"]: 64 / statistics.median(r["step_seconds"]) for r in results["pipelines"]}
+    for r in results["pipelines"]:
+        ratio = speed[r["pipeline"]] / speed["b"]
+        assert abs(r["ratio_to_original"] - ratio) < 1e-9 * ratio
+        row = re.search(rf"^\({r['pipeline']}\) .* ({NUMBER})x ", proc.stdout, re.M)
+        assert abs(float(row.group(1)) - ratio) < 0.006, (row.group(0), ratio)
     # The same architecture in all three, so the same FLOPs per image.
     assert len({r["flops_per_image"] for r in results["pipelines"]}) == 1
 

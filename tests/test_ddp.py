@@ -328,3 +328,53 @@ def test_double_sigterm_with_dataloader_workers_saves_the_step_and_resume_is_exa
 
     ok(torchrun(tmp_path, *run, "--resume", "--save-dir", save, script=script))
     assert not weight_differences(load(save / "last.pth")["model"], load(tmp_path / "straight" / "last.pth")["model"])
+
+
+PER_RANK = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch, train
+extra = {extra!r}.get(os.environ["RANK"], [])
+kill_at = int(os.environ.get("KILL_RANK_1_AT_STEP", 0))
+if kill_at and os.environ["RANK"] == "1":
+    real, calls = torch.nn.functional.cross_entropy, [0]
+    def cross_entropy(logits, *args, **kwargs):
+        if logits.requires_grad:
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(logits, *args, **kwargs)
+    torch.nn.functional.cross_entropy = cross_entropy
+sys.argv = ["train.py", *sys.argv[1:], *extra]
+train.run()
+"""
+
+
+def per_rank(tmp: Path, extra: dict) -> Path:
+    script = tmp / "per_rank.py"
+    script.write_text(PER_RANK.format(root=str(ROOT), extra=extra))
+    return script
+
+
+@pytest.mark.parametrize("extra,flag", [({"1": ["--lr", "0.1"]}, "--lr"),
+                                        ({"1": ["--width-div", "8"]}, "--width-div")],
+                         ids=["lr", "width-div"])
+def test_processes_started_with_different_settings_are_one_line(extra, flag, tmp_path):
+    data = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save",
+                    script=per_rank(tmp_path, extra))
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if "train.py: error:" in l]
+    assert len(lines) == 1 and flag in lines[0] and "process 1" in lines[0], proc.stderr[-3000:]
+    for ours in OURS:
+        assert f'File "{ROOT / ours}"' not in proc.stderr
+    assert not (tmp_path / "save" / "last.pth").exists()
+
+
+def test_a_process_killed_with_sigkill_leaves_the_others_one_line(tmp_path):
+    data = make_mnist(tmp_path / "data", n_train=N_TRAIN, n_test=8)
+    proc = torchrun(tmp_path, *TINY, "--data-dir", data, "--save-dir", tmp_path / "save",
+                    script=per_rank(tmp_path, {}), env={"KILL_RANK_1_AT_STEP": "3"})
+    assert proc.returncode != 0
+    for ours in OURS:  # torchrun reports the killed process its way; the survivor says one line
+        assert f'File "{ROOT / ours}"' not in proc.stderr, proc.stderr[-4000:]
