@@ -147,7 +147,8 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
     "train.py": ("dataset data_dir image_size augment workers skip_bad_images val_fraction tta depth "
-                 "width_div batch_norm dropout epochs batch_size optimizer lr momentum weight_decay "
+                 "width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult epochs batch_size "
+                 "optimizer lr momentum weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma device amp compile "
                  "seed save_dir keep save_every_minutes log_every").split(),
     "test.py": ("checkpoint show show_all grid grid_seed out image invert top_k batch_size device "
@@ -155,7 +156,8 @@ SCRIPT_SETTINGS = {
     "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
                  "device amp compile fused_sgd quick json").split(),
 }
-NONE_ALLOWED = {"test.py": {"grid_seed", "out", "image", "amp", "data_dir"},
+NONE_ALLOWED = {"train.py": {"pretrained"},
+                "test.py": {"grid_seed", "out", "image", "amp", "data_dir"},
                 "bench.py": {"workers", "json"}}
 
 
@@ -237,11 +239,11 @@ MAX_IMAGE_SIZE = 2048
 
 INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size",
                 "step_epochs", "seed", "keep", "log_every", "show", "grid", "grid_seed", "top_k",
-                "steps", "warmup")
+                "steps", "warmup", "freeze_epochs")
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
-                  "save_every_minutes", "label_smoothing", "val_fraction")
+                  "save_every_minutes", "label_smoothing", "val_fraction", "backbone_lr_mult")
 
 
 BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_sgd", "quick",
@@ -249,7 +251,8 @@ BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_
 
 
 PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir",
-                 "checkpoint": "--checkpoint", "out": "--out", "json": "--json"}
+                 "checkpoint": "--checkpoint", "out": "--out", "json": "--json",
+                 "pretrained": "--pretrained"}
 
 
 def check_seed(name: str, seed) -> None:
@@ -344,6 +347,8 @@ def check_config(c: dict) -> None:
     need("save_every_minutes", lambda v: v >= 0, "--save-every-minutes must be >= 0, got {}")
     need("step_epochs", lambda v: v >= 1, "--step-epochs must be at least 1, got {}")
     need("step_gamma", lambda v: v > 0, "--step-gamma must be positive, got {}")
+    need("freeze_epochs", lambda v: v >= 0, "--freeze-epochs must be >= 0, got {}")
+    need("backbone_lr_mult", lambda v: v >= 0, "--backbone-lr-mult must be >= 0, got {}")
     # test.py
     need("show", lambda v: v >= 0, "--show must be >= 0, got {}")
     need("grid", lambda v: v >= 0, "--grid must be >= 0, got {}")

@@ -120,9 +120,9 @@ class DeviceImages:
         self.pad = pad                       # random-crop padding, in pixels of the stored image
         # horizontal flips (not for digits: a mirrored 2 is no 2)
         self.flip = flip
-        c = self.images.shape[1]
-        self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, c, 1, 1)
+        # one value per channel, or one for all; 3 for grey images: they become RGB first
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -151,6 +151,8 @@ class DeviceImages:
         # pixels. IMAGE_SIZE >= 32 only ever upsamples 28/32 px images, where antialias changes
         # nothing: without it, MPS (torch < 2.7) has a kernel and Ascend 910A does not fall back to
         # the CPU.
+        if x.shape[1] < self.mean.shape[1]:  # grey digits for weights trained on RGB (ImageNet)
+            x = x.expand(-1, self.mean.shape[1], -1, -1)
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
@@ -589,7 +591,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
     (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
     on disk is an error, and nothing is created."""
     root = Path(c["data_dir"])
-    mean, std = DATASETS[c["dataset"]].stats
+    mean, std = normalization(c)
     if c["dataset"] == "folder":
         split = root / (train if isinstance(train, str) else "train" if train else "test")
         if not split.is_dir():
@@ -676,6 +678,15 @@ def predict(model, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     with flips)."""
     logits = model(x)
     return (logits + model(x.flip(3))) / 2 if tta else logits
+
+
+def normalization(c: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that the inputs of c's network are normalized with: those stored in the run's
+    config (a fine-tune keeps the statistics its pretrained weights were trained with), else the
+    dataset's own."""
+    if c.get("normalize"):
+        return tuple(c["normalize"][0]), tuple(c["normalize"][1])
+    return DATASETS[c["dataset"]].stats
 
 
 def augment_enabled(c: dict) -> bool:

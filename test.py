@@ -248,7 +248,9 @@ def predict_files(args, model, c, classes, device, amp) -> int:
     if args.invert == "on" and not DATASETS[dataset].grey:
         raise UserError("--invert applies to mnist and fashion-mnist models; this one was trained "
                         f"on {dataset}")
-    folder_transform = imagedata.eval_transform(c["image_size"]) if dataset == "folder" else None
+    mean, std = imagedata.normalization(c)
+    folder_transform = (imagedata.eval_transform(c["image_size"], mean, std) if dataset == "folder"
+                        else None)
     errors = []
 
     def report(message):
@@ -279,7 +281,6 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
         else:
             # the very same device preprocessing as the test split: a DeviceImages of these images
-            mean, std = DATASETS[dataset].stats
             batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes,
                                              mean, std, c["image_size"],
                                              device).batches(torch.arange(len(x)), len(x))

@@ -30,6 +30,7 @@ import cli
 import devices
 import imagedata
 import plots
+import pretrained
 from cli import UserError, console
 from net import build_model
 
@@ -57,6 +58,10 @@ DEPTH = 16                # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1             # divide every channel count by this (4 = a 'small VGG' for CPUs)
 BATCH_NORM = True         # BatchNorm after each convolution; trains reliably from scratch
 DROPOUT = 0.5             # dropout probability in the classifier
+PRETRAINED = None         # None: random weights | imagenet: torchvision's ImageNet weights (full
+                          # width) | a path: a checkpoint of this repo or a torchvision state dict
+FREEZE_EPOCHS = 1         # with PRETRAINED: the first N epochs train only the new last layer
+BACKBONE_LR_MULT = 0.1    # with PRETRAINED: after them the pretrained layers train at LR x this
 # optim
 EPOCHS = 10               # passes over the training set
 BATCH_SIZE = 128          # images per step, per process
@@ -205,13 +210,10 @@ def extra_options(parser) -> None:
 
 
 def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
-    # No weight decay on biases and BatchNorm parameters: decaying them only hurts (as in the
-    # official recipes' --norm-weight-decay 0).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": c["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """SGD with momentum or AdamW over pretrained.parameter_groups: no weight decay on biases and
+    BatchNorm parameters; a fine-tune's pretrained layers at LR x BACKBONE_LR_MULT."""
     lr = effective_lr(c, world)
+    groups = pretrained.parameter_groups(model, c, lr)
     if c["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999))
     return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"])
@@ -274,6 +276,7 @@ class Run:
     steps_per_epoch: int = 1
     folder_in_memory: bool | None = None  # a folder's training images: decoded in memory or read
                                           # by DataLoader workers (None: not a folder)
+    pretrained: str | None = None         # what the weights started from, for the header
 
     @property
     def distributed(self) -> bool:
@@ -347,12 +350,17 @@ def all_finite(model: torch.nn.Module, run: Run) -> bool:
     return finite
 
 
-def build_state(run: Run, ckpt: dict | None) -> TrainingState:
+def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> TrainingState:
     """Model, optimizer, schedule, loss scaler and augmentation stream: fresh (the same initial
-    weights on every process), or where last.pth left them."""
+    weights on every process, or the pretrained ones `fetched`), or where last.pth left them."""
     c, device, world, rank = run.config, run.device, run.world, run.rank
     torch.manual_seed(c["seed"])
-    model = build_model(c, len(run.classes)).to(device)
+    model = build_model(c, len(run.classes))
+    if ckpt is None and fetched is not None:  # start from pretrained weights
+        run.pretrained = pretrained.load_pretrained(model, c, run.classes, fetched)
+    elif c.get("pretrained") is not None:
+        run.pretrained = f"{c['pretrained']} (resumed)"
+    model = model.to(device)
     if device.type in ("cuda", "cpu"):
         # faster convolutions on both (measured on the CPU)
         model = model.to(memory_format=torch.channels_last)
@@ -386,7 +394,8 @@ def build_state(run: Run, ckpt: dict | None) -> TrainingState:
         state.step = min(run.steps_per_epoch, state.step * ckpt_world // world)
         scheduler.last_epoch = state.epoch * run.steps_per_epoch + state.step
         # the rate of the new global batch
-        scheduler.base_lrs = [effective_lr(c, world)] * len(optimizer.param_groups)
+        scheduler.base_lrs = [effective_lr(c, world) * g.get("lr_mult", 1.0)
+                              for g in optimizer.param_groups]
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["initial_lr"] = base
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
@@ -427,7 +436,7 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
     t_log, seen_log, first_steps = time.perf_counter(), 0, []
     step = start_step
     model = state.model
-    model.train()
+    pretrained.train_mode(model, frozen=pretrained.frozen_at(c, epoch))
     for x, y in batches:
         with devices.autocast(device, run.amp):
             logits = train_model(x)
@@ -514,6 +523,8 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
         ckpt["config"].setdefault("val_fraction", 0.0)
         ckpt["config"].setdefault("label_smoothing", 0.0)  # checkpoints from before the setting
         ckpt["config"].setdefault("tta", False)  # likewise
+        for key in ("pretrained", "freeze_epochs", "backbone_lr_mult"):  # likewise
+            ckpt["config"].setdefault(key, DEFAULTS[key.upper()] if key != "pretrained" else None)
         typed = config["data_dir"] if "data_dir" in args.explicit else None
         data_dir, args.data_from = imagedata.choose_data_dir(
             typed, ckpt["config"].get("data_dir"), config["data_dir"])
@@ -600,7 +611,7 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
     if not all(map(math.isfinite, (test_loss, *((val_loss,) if has_val else ())))):
         raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
     seconds = time.perf_counter() - t0
-    lr = state.optimizer.param_groups[0]["lr"]
+    lr = state.optimizer.param_groups[-1]["lr"]  # the head's, when a fine-tune has two rates
     is_best = not has_val or epoch == 0 or val_acc > state.best_acc
     if has_val:
         state.best_acc = max(state.best_acc, val_acc) if epoch else val_acc
@@ -635,6 +646,14 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
             "test": (test_loss, test_acc)}
 
 
+def wrap(run: Run, model: torch.nn.Module) -> torch.nn.Module:
+    """The module the training steps call: DDP under torchrun, compiled with COMPILE."""
+    if run.distributed:
+        ids = [run.device.index] if run.device.type in ("cuda", "npu") else None
+        model = DDP(model, device_ids=ids)
+    return torch.compile(model) if run.config["compile"] else model
+
+
 def header(run: Run, state: TrainingState, n_train: int, n_val: int, n_test: int,
            amp_reason: str) -> str:
     """The first line of a run: network, data, device, precision, learning rate and batch."""
@@ -645,6 +664,7 @@ def header(run: Run, state: TrainingState, n_train: int, n_val: int, n_test: int
             f"{n_params:,} parameters | {c['dataset']} {n_train:,} train / {n_val:,} validation / "
             f"{n_test:,} test at {c['image_size']} px"
             f"{', scored with mirror images (tta)' if c['tta'] else ''} | "
+            f"{f'pretrained: {run.pretrained} | ' if run.pretrained else ''}"
             f"device {run.device}{f' x {world} processes' if run.distributed else ''}, "
             f"precision {str(run.amp).replace('torch.', '') if run.amp else 'fp32'} "
             f"({amp_reason}) | "
@@ -660,19 +680,28 @@ def main() -> tuple[TrainingState, dict]:
     log = console if rank == 0 else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
     check_save_dir_outside_data(config)  # before the lock creates it
+
+    # ---- device and processes (the device follows this invocation, also on --resume)
+    device = devices.pick_device(config["device"], local_rank)
+    if world > 1:
+        devices.init_distributed(device, config["device"], local_rank)
+        # the data folder and the workers are the node's own
+        devices.check_same_settings(config | {"resume": args.resume, "overwrite": args.overwrite},
+                                    ignore=("data_dir", "workers"))
+    # pretrained weights: downloaded (or found missing) before anything in SAVE_DIR is touched
+    fetched = (pretrained.fetch_once_per_machine(config, local_rank, world > 1)
+               if config["pretrained"] is not None and not args.resume else None)
+
+    # ---- the save folder: locked, then a fresh run or last.pth
     if rank == 0:
         checkpoints.lock_save_dir(save_dir)
     c, ckpt = start_or_resume(config, args, log)
     if rank == 0:
         checkpoints.tidy_save_dir(save_dir, ckpt, log)
+    if fetched is not None:  # the statistics the weights were trained with normalize the inputs
+        c["normalize"] = fetched[3]
 
-    # ---- device, precision, processes, data
-    device = devices.pick_device(c["device"], local_rank)
-    if world > 1:
-        devices.init_distributed(device, c["device"], local_rank)
-        # the data folder and the workers are the node's own
-        devices.check_same_settings(config | {"resume": args.resume, "overwrite": args.overwrite},
-                                    ignore=("data_dir", "workers"))
+    # ---- precision, data
     devices.prepare(device)
     amp, amp_reason = devices.amp_choice(device, c["amp"])
     try:
@@ -688,7 +717,8 @@ def main() -> tuple[TrainingState, dict]:
     # ---- from here on, out of memory is one line with a batch size that fits
     with devices.out_of_memory_explained(c, device, amp, len(run.classes)):
         # ---- model, optimizer, schedule: fresh, or where last.pth left them
-        state = build_state(run, ckpt)
+        state = build_state(run, ckpt, fetched)
+        del fetched
         if ckpt is not None:
             best = (f", best validation accuracy {state.best_acc:.2%}" if val_data is not None
                     else "")
@@ -696,11 +726,6 @@ def main() -> tuple[TrainingState, dict]:
         old_run = checkpoints.OldRun(save_dir,
                                      replace=run.master and args.overwrite and ckpt is None)
         del ckpt
-        train_model = state.model
-        if run.distributed:
-            ids = [device.index] if device.type in ("cuda", "npu") else None
-            train_model = DDP(train_model, device_ids=ids)
-        train_model = torch.compile(train_model) if c["compile"] else train_model
         n_val = len(val_data) if val_data is not None else 0
         run.log(header(run, state, len(train_data), n_val, len(test_data), amp_reason))
 
@@ -708,8 +733,14 @@ def main() -> tuple[TrainingState, dict]:
         preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"], device)
         preemption.install()
         start_epoch, results = state.epoch, {}
+        frozen = None
         for epoch in range(start_epoch, c["epochs"]):
             t0 = time.perf_counter()
+            if pretrained.frozen_at(c, epoch) != frozen:  # the first epoch, and the unfreeze
+                frozen = pretrained.frozen_at(c, epoch)
+                pretrained.set_frozen(state.model, frozen)
+                # DDP syncs the gradients of the parameters that need them when it is built
+                train_model = wrap(run, state.model)
             totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
                                      lambda ckpt: save_last(run, old_run, ckpt),
                                      warn_slow=run.master and epoch == start_epoch)

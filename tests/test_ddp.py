@@ -378,3 +378,18 @@ def test_a_process_killed_with_sigkill_leaves_the_others_one_line(tmp_path):
     assert proc.returncode != 0
     for ours in OURS:  # torchrun reports the killed process its way; the survivor says one line
         assert f'File "{ROOT / ours}"' not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_a_fine_tune_under_torchrun_unfreezes_on_every_process(tmp_path):
+    """--pretrained under torchrun: one process per machine reads the source first; DDP is rebuilt
+    when the body unfreezes, so both processes train it alike and end with identical weights."""
+    mnist = make_mnist(tmp_path / "mnist", n_train=64, n_test=8)
+    run_script("train.py", *TINY, "--data-dir", mnist, "--save-dir", tmp_path / "source", check=True)
+    photos = make_folder(tmp_path / "photos", n_train=32, n_test=6, classes=("cat", "dog"))
+    ok(torchrun(tmp_path, *TINY, "--dataset", "folder", "--data-dir", photos, "--workers", "0",
+                "--batch-size", "8", "--epochs", "2", "--val-fraction", "0",
+                "--pretrained", tmp_path / "source" / "best.pth", "--save-dir", tmp_path / "save"))
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in range(2))
+    assert not weight_differences(w0, w1)
+    source = load(tmp_path / "source" / "best.pth")["model"]
+    assert not torch.equal(w0["features.0.weight"], source["features.0.weight"])  # unfrozen, trained

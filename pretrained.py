@@ -1,0 +1,223 @@
+"""Start from pretrained weights: torchvision's ImageNet VGGs, or a model trained before.
+
+    python train.py --pretrained imagenet --dataset folder --data-dir photos   # needs full width
+    python train.py --pretrained save_model/best.pth --dataset folder --data-dir photos
+
+Every tensor is loaded except the last Linear (the head) when the classes differ: that one is new,
+sized for this dataset. Fine-tuning then goes as fastai's fine_tune and Keras' guide do it: for
+FREEZE_EPOCHS epochs only the head trains (the pretrained layers get no gradients and their
+BatchNorm layers stay in eval mode, so their running statistics do not move); after them everything
+trains, the pretrained layers at LR x BACKBONE_LR_MULT and the head at LR.
+"""
+
+import urllib.error
+from pathlib import Path
+
+import torch
+
+import checkpoints
+from cli import UserError
+
+# torchvision's ImageNet weights expect RGB in [0, 1] normalized with these.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The head: the last Linear, the only tensors a fine-tune may replace.
+HEAD = ("classifier.6.weight", "classifier.6.bias")
+
+
+def model_name(c: dict) -> str:
+    """torchvision's name of this architecture: vgg11 ... vgg19, with _bn for BatchNorm."""
+    return f"vgg{c['depth']}{'_bn' if c['batch_norm'] else ''}"
+
+
+def imagenet_weights(name: str) -> tuple[str, list[str]]:
+    """(URL, ImageNet class names) of torchvision's IMAGENET1K_V1 weights for `name`, read from
+    torchvision's own weights enum."""
+    from torchvision.models import get_model_weights
+    weights = get_model_weights(name).IMAGENET1K_V1
+    return weights.url, list(weights.meta["categories"])
+
+
+def hub_folder() -> Path:
+    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints (~/.cache/torch/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def fetch_imagenet(c: dict, progress: bool = True) -> tuple[dict, list[str], str]:
+    """(state dict, class names, description) of the ImageNet weights for c's depth and BatchNorm,
+    downloaded into the torch hub cache once (hash-checked) and read from there afterwards."""
+    if c["width_div"] != 1:
+        raise UserError(f"--pretrained imagenet needs the full-width network (--width-div 1), not "
+                        f"--width-div {c['width_div']}: the ImageNet weights have VGG's full "
+                        "channel counts")
+    name = model_name(c)
+    url, categories = imagenet_weights(name)
+    file = hub_folder() / Path(url).name
+    try:
+        # writes a temporary file and renames it only after the hash check: a download that is
+        # cut off or corrupt leaves nothing in the cache
+        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                   progress=progress, weights_only=True)
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise UserError(f"cannot download the ImageNet weights of {name} ({reason}): fetch {url} "
+                        f"and put it in {file.parent}/ as {file.name}") from None
+    except RuntimeError as e:
+        if "hash" in str(e).lower():
+            raise UserError(f"the download of {url} is damaged (its SHA-256 does not match the "
+                            f"name {file.name}); nothing was kept, try again") from None
+        raise UserError(f"{file} cannot be read ({str(e).splitlines()[0][:120]}): delete it "
+                        "and run again to download it afresh") from None
+    except Exception as e:  # a truncated or foreign file in the cache
+        raise UserError(f"{file} cannot be read ({type(e).__name__}): delete it and run again to "
+                        "download it afresh") from None
+    return state, categories, f"{name} IMAGENET1K_V1"
+
+
+def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | None]:
+    """(state dict, class names or None, description, normalization or None) of a file given to
+    --pretrained: a checkpoint of this repo or a torchvision-format state dict."""
+    try:
+        ok = Path(path).is_file()
+    except OSError:
+        ok = False
+    if not ok:
+        raise UserError(f"--pretrained {path}: no such file (give imagenet, a checkpoint of this "
+                        "repo, or a torchvision state dict)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"--pretrained {path} is not a PyTorch state dict or checkpoint that can "
+                        "be loaded safely (weights_only=True)") from None
+    if isinstance(obj, dict) and {"model", "config", "classes"} <= obj.keys():
+        src = obj["config"]
+        held = (f"VGG{src.get('depth')}{'_bn' if src.get('batch_norm') else ''} "
+                f"width/{src.get('width_div')}")
+        wanted = f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}"
+        if held != wanted:
+            raise UserError(f"--pretrained {path} holds a {held}, but this run builds a {wanted}: "
+                            "set --depth, --batch-norm/--no-batch-norm and --width-div to match")
+        from imagedata import normalization
+        return (obj["model"], list(obj["classes"]),
+                f"{Path(path).name} ({src.get('dataset')}, epoch {obj.get('epoch')})",
+                [list(s) for s in normalization(src)])
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor)
+                                                  for v in obj.values())):
+        raise UserError(f"--pretrained {path} is neither a checkpoint of this repo nor a state "
+                        "dict of tensors")
+    return obj, None, Path(path).name, None
+
+
+def load_into(model: torch.nn.Module, state: dict, classes: list[str],
+              source_classes: list[str] | None, what: str) -> bool:
+    """Copy every tensor of `state` into `model` except the head when the classes differ (the
+    model's own freshly initialized head stays). Returns whether the head is new. Another
+    architecture is one line that says what the file holds."""
+    own = model.state_dict()
+    n_source = state[HEAD[0]].shape[0] if HEAD[0] in state else None
+    new_head = (n_source != len(classes) or
+                (source_classes is not None and list(source_classes) != list(classes)))
+    body = {k: v for k, v in state.items() if not (new_head and k in HEAD)}
+    missing = sorted(set(own) - set(body) - (set(HEAD) if new_head else set()))
+    extra = sorted(set(body) - set(own))
+    if missing or extra:
+        raise UserError(f"{what} holds another architecture ({len(state)} tensors; e.g. "
+                        f"{(missing or extra)[0]} {'is missing' if missing else 'is not in'} "
+                        f"this {len(own)}-tensor network): match --depth and --batch-norm")
+    for k, v in body.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"{what} holds another architecture: {k} has shape "
+                            f"{tuple(v.shape)}, this network {tuple(own[k].shape)} (another "
+                            "depth, width or BatchNorm setting)")
+    model.load_state_dict(body, strict=False)
+    return new_head
+
+
+def describe(what: str, new_head: bool, n_classes: int) -> str:
+    return f"{what}, {'new head for' if new_head else 'its own head for'} {n_classes} classes"
+
+
+def load_pretrained(model: torch.nn.Module, c: dict, classes: list[str],
+                    fetched: tuple | None = None) -> str:
+    """Load c["pretrained"] into a freshly built model; returns the header's description.
+    fetched: what fetch() returned already (the download happens before anything is written)."""
+    state, source_classes, what, _ = fetched or fetch(c)
+    return describe(what, load_into(model, state, classes, source_classes, what), len(classes))
+
+
+def fetch(c: dict, progress: bool = True) -> tuple[dict, list[str] | None, str, list | None]:
+    """(state dict, class names or None, description, normalization or None) for
+    c["pretrained"]."""
+    if c["pretrained"] == "imagenet":
+        state, categories, what = fetch_imagenet(c, progress)
+        return state, categories, what, [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    state, names, what, normalize = read_file(c["pretrained"], c)
+    if normalize is None:  # a torchvision-format file: torchvision trains on ImageNet's statistics
+        normalize = [list(IMAGENET_MEAN), list(IMAGENET_STD)]
+    return state, names, what, normalize
+
+
+def fetch_once_per_machine(c: dict, local_rank: int | None, distributed: bool):
+    """fetch(), with one process per machine downloading under torchrun while the others wait for
+    it; a failure is one line from rank 0, and the other processes exit quietly."""
+    import torch.distributed as dist
+    if not distributed:
+        return fetch(c)
+    error = None
+    if local_rank == 0:
+        try:
+            fetch(c, progress=dist.get_rank() == 0)
+        except UserError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier the others wait at
+    if failed.item():
+        if error is not None and dist.get_rank() == 0:
+            raise error
+        raise SystemExit(2)
+    return fetch(c, progress=False)  # from the cache now
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+def is_head(name: str) -> bool:
+    return name in HEAD
+
+
+def frozen_at(c: dict, epoch: int) -> bool:
+    """Whether epoch `epoch` (from 0) trains only the head: the first FREEZE_EPOCHS of a run that
+    starts from pretrained weights."""
+    return c.get("pretrained") is not None and epoch < c.get("freeze_epochs", 0)
+
+
+def set_frozen(model: torch.nn.Module, frozen: bool) -> None:
+    """Freeze or unfreeze every parameter but the head (no gradients: the frozen epoch computes
+    none for them)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_head(name) or not frozen)
+
+
+def train_mode(model: torch.nn.Module, frozen: bool) -> None:
+    """model.train(), with the BatchNorm layers of a frozen body in eval mode: their running
+    statistics stay those of the pretrained weights (Keras' fine-tuning guide)."""
+    model.train()
+    if frozen:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def parameter_groups(model: torch.nn.Module, c: dict, lr: float) -> list[dict]:
+    """The optimizer's groups: weights decayed, biases and BatchNorm parameters not (as in the
+    official recipes' --norm-weight-decay 0); with PRETRAINED, the pretrained body at lr x
+    BACKBONE_LR_MULT and the head at lr."""
+    pretrained = c.get("pretrained") is not None
+    groups = {}
+    for name, p in model.named_parameters():
+        part = "head" if is_head(name) or not pretrained else "body"
+        decay = p.ndim > 1
+        groups.setdefault((part, decay), []).append(p)
+    mult = {"head": 1.0, "body": c.get("backbone_lr_mult", 1.0)}
+    return [{"params": params, "weight_decay": c["weight_decay"] if decay else 0.0,
+             "lr": lr * mult[part], "lr_mult": mult[part]}
+            for (part, decay), params in sorted(groups.items(), key=lambda kv: kv[0][0] == "head")]
