@@ -531,8 +531,9 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
         config = merge_resumed_config(ckpt["config"], config | {"data_dir": data_dir},
                                       args.explicit, log)
         cli.check_config(config)
+        # a typed --epochs below where the run stands would silently do nothing
         done, step = ckpt["epoch"], ckpt["step"]
-        if config["epochs"] < done + (1 if step else 0) or config["epochs"] == done and not step:
+        if "epochs" in args.explicit and config["epochs"] < done + (1 if step else 0):
             where = (f"is in epoch {done + 1} (step {step})" if step else
                      f"has finished {done} epoch(s)")
             raise UserError(f"--epochs {config['epochs']}: {last_path} {where}; give --epochs "
@@ -751,6 +752,8 @@ def main() -> tuple[TrainingState, dict]:
 
     chosen = (f"best.pth has the best validation accuracy, {state.best_acc:.2%}"
               if val_data is not None else "best.pth is the last epoch")
+    if run.master and not (save_dir / "best.pth").exists():  # deleted, and no epoch file to restore
+        chosen = "there is no best.pth (deleted, and no kept epoch file was the best epoch)"
     run.log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and "
             "predictions)")
     if run.distributed:

@@ -511,7 +511,7 @@ def test_a_second_run_on_a_busy_save_folder_is_refused_and_harms_nothing(small, 
     and the first finishes as if alone."""
     first = popen(*TINY, "--epochs", "2", "--data-dir", small, "--save-dir", tmp_path)
     assert first.stdout.readline().startswith("VGG16")  # data and model ready: well past taking the folder
-    for args in ([*TINY, "--data-dir", small], ["--resume", "--device", "cuda"], [*TINY, "--overwrite"]):
+    for args in ([*TINY, "--data-dir", small], ["--resume", "--epochs", "5"], [*TINY, "--overwrite"]):
         code, err = call(train.run, "train.py", ["--save-dir", tmp_path, *args], capsys)
         assert code == 2 and f"is in use by another train.py (pid {first.pid})" in one_line(err), args
     out, err = first.communicate(timeout=300)
