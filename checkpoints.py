@@ -336,7 +336,7 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
     return rows
 
 
-def write_metrics(path: Path, rows: list[list[str]]) -> None:
+def write_csv(path: Path, rows: list[list[str]]) -> None:
     """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a
     row."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -355,7 +355,7 @@ def write_metrics(path: Path, rows: list[list[str]]) -> None:
 
 def append_metrics(path: Path, row: dict) -> None:
     rows = read_metrics(path, list(row)) or [list(row)]
-    write_metrics(path, rows + [[str(v) for v in row.values()]])
+    write_csv(path, rows + [[str(v) for v in row.values()]])
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -365,4 +365,4 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     if rows is not None:
         kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
         if len(kept) != len(rows):
-            write_metrics(path, kept)
+            write_csv(path, kept)

@@ -151,8 +151,8 @@ SCRIPT_SETTINGS = {
                  "optimizer lr momentum weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma device amp compile "
                  "seed save_dir keep save_every_minutes log_every").split(),
-    "test.py": ("checkpoint show show_all grid grid_seed out image invert top_k batch_size device "
-                "amp tta skip_bad_images data_dir").split(),
+    "test.py": ("checkpoint show show_all grid grid_seed cam mistakes out image invert top_k "
+                "batch_size device amp tta skip_bad_images data_dir").split(),
     "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
                  "device amp compile fused_sgd quick json").split(),
 }
@@ -239,7 +239,7 @@ MAX_IMAGE_SIZE = 2048
 
 INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size",
                 "step_epochs", "seed", "keep", "log_every", "show", "grid", "grid_seed", "top_k",
-                "steps", "warmup", "freeze_epochs")
+                "steps", "warmup", "freeze_epochs", "cam", "mistakes")
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
@@ -352,6 +352,8 @@ def check_config(c: dict) -> None:
     # test.py
     need("show", lambda v: v >= 0, "--show must be >= 0, got {}")
     need("grid", lambda v: v >= 0, "--grid must be >= 0, got {}")
+    need("cam", lambda v: v >= 0, "--cam must be >= 0, got {}")
+    need("mistakes", lambda v: v >= 0, "--mistakes must be >= 0, got {}")
     need("top_k", lambda v: v >= 1, "--top-k must be at least 1, got {}")
     need("invert", lambda v: v in ("auto", "on", "off"),
          "--invert must be auto, on or off, got {!r}")

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import devices
 from cli import QuietStream, UserError, console
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class DeviceImages:
         self.classes = classes
         self.image_size = image_size
         self.device = device
+        self.paths: list[str] | None = None  # a folder's files, in order (test.py names them)
         self.pad = pad                       # random-crop padding, in pixels of the stored image
         # horizontal flips (not for digits: a mirrored 2 is no 2)
         self.flip = flip
@@ -166,6 +168,10 @@ class DeviceImages:
         split_batches)."""
         for idx in split_batches(indices.to(self.device), batch_size, steps):
             yield self.preprocess(self.images[idx], augment, generator), self.labels[idx]
+
+    def name(self, i: int) -> str:
+        """Where sample i comes from: its file for a folder, else its index in the split."""
+        return self.paths[i] if self.paths is not None else str(i)
 
     def raw(self, i: int):
         """Sample i as the dataset stores it, as a PIL image (28x28 grey or 32x32 colour)."""
@@ -224,6 +230,15 @@ class FolderImages:
         for x, y in loader:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
+
+    def name(self, i: int) -> str:
+        return self.eval_set.samples[i][0]
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now, by dropping the loaders (their iterators shut the
+        workers down when freed). The workers ignore SIGTERM (_ignore_stop_signals), so one still
+        alive when Python exits would keep multiprocessing's exit handler waiting for ever."""
+        self._loaders = {}
 
     def raw(self, i: int):
         from PIL import Image
@@ -323,8 +338,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: Ctrl-C, SIGTERM and the other stop signals reach the whole process group (and SLURM signals
     every process), but only the main process may act on them; a worker that died would end the run
     before last.pth is written."""
-    import devices
-    for signum in devices.STOP_SIGNALS:
+    for signum in devices.STOP_SIGNALS:  # (no import here: a forked worker may deadlock in one)
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -571,8 +585,10 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
             console(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
                     f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
-        return DeviceImages(images.contiguous(), labels, classes, mean, std,
+        data = DeviceImages(images.contiguous(), labels, classes, mean, std,
                             c["image_size"], device, pad=min(w, h) // 8)
+        data.paths = [p for p in paths if p not in bad_paths]
+        return data
     if _is_master():
         console(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
                 f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
@@ -614,6 +630,14 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
                         flip=DATASETS[c["dataset"]].flips)
 
 
+def close(*splits) -> None:
+    """Stop the DataLoader workers of these splits (None and in-memory splits have none)."""
+    for data in splits:
+        data = getattr(data, "data", data)
+        if isinstance(data, FolderImages):
+            data.close()
+
+
 def in_memory(data) -> bool:
     """Whether a split (or a part of one) is kept in memory as a DeviceImages."""
     return isinstance(getattr(data, "data", data), DeviceImages)
@@ -638,6 +662,9 @@ class Subset:
 
     def raw(self, i: int):
         return self.data.raw(int(self.indices[i]))
+
+    def name(self, i: int) -> str:
+        return self.data.name(int(self.indices[i]))
 
 
 def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

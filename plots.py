@@ -149,3 +149,34 @@ def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tenso
     fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)",
                  fontsize=9)
     save_figure(fig, path)
+
+
+def draw_cams(images: list, heats: list, titles: list[str], wrong: list[bool], title: str,
+              path: Path) -> None:
+    """cam.png and mistakes.png: each image with its Grad-CAM heat map laid over it (red: where the
+    class score rises most), under its title; wrong predictions in red."""
+    from matplotlib.figure import Figure
+    if not images:
+        return
+    cols = min(len(images), 8)
+    rows = math.ceil(len(images) / cols)
+    longest = max(len(line) for t in titles for line in t.splitlines())
+    cell = max(1.3, 0.075 * (longest + 2))
+    lines = max(t.count("\n") + 1 for t in titles)
+    fig = Figure(figsize=(cols * cell, rows * (cell + 0.15 * lines) + 0.4), dpi=80,
+                 layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax, img, heat, text, bad in zip(axes, images, heats, titles, wrong):
+        w, h = img.size
+        gray = img.mode == "L"
+        ax.imshow(img, cmap="gray" if gray else None, vmin=0 if gray else None,
+                  vmax=255 if gray else None, interpolation="nearest", extent=(0, w, h, 0))
+        ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, w, h, 0),
+                  interpolation="bilinear")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(text, fontsize=7, color="red" if bad else "black", pad=2)
+    for ax in axes[len(images):]:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)

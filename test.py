@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import checkpoints
 import cli
 import devices
+import gradcam
 import imagedata
 import plots
 from cli import UserError
@@ -42,6 +44,10 @@ GRID = 64                # draw N test images with their predicted and actual la
                          # predictions.png (0: none)
 GRID_SEED = None         # draw a random sample of the test split, seeded by SEED; None: its first
                          # N images
+CAM = 16                 # draw N test images (or --image files) with the Grad-CAM heat map of the
+                         # predicted class in cam.png (0: none)
+MISTAKES = 16            # draw the N test images with the highest loss in mistakes.png (0: none);
+                         # mistakes.csv lists every misclassified test image
 OUT = None               # folder for confusion.png and predictions.png; None: the checkpoint's
                          # folder
 IMAGE = None             # predict these image files, or every image in these folders
@@ -63,7 +69,8 @@ DATA_DIR = None          # dataset root; None: the one used for training while i
                          # DATA_DIR from the environment, else ./data
 # --------------------------------------------------------------------------------------------------
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
-FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"},
+FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "cam": {"metavar": "N"},
+         "mistakes": {"metavar": "N"},
          "grid_seed": {"type": int, "metavar": "SEED"}, "out": {"metavar": "DIR"},
          "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
          "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
@@ -120,15 +127,33 @@ def most_confused(cm: torch.Tensor, classes: list[str], k: int = MOST_CONFUSED) 
             for v, i in zip(counts.tolist(), flat.tolist()) if v > 0]
 
 
+def class_metrics(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class: precision (right among those predicted as it), recall (right among those that
+    are it) and F1 (their harmonic mean); 0 where a class was never predicted or never present."""
+    cm = cm.float()
+    hits = cm.diag()
+    precision = hits / cm.sum(0).clamp(min=1)
+    recall = hits / cm.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return precision, recall, f1
+
+
 def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     """The per-class table and the confusion matrix as text. Long class names (cifar10's
     "automobile") would make 10 columns too wide, so the matrix then numbers its columns and rows.
     Above plots.MAX_MATRIX_CLASSES classes the most confused pairs replace the matrix."""
     count, correct = cm.sum(1).tolist(), cm.diag().tolist()
-    name_w = max(5, *map(len, classes))
-    lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}"]
-    for name, n, k in zip(classes, count, correct):
-        lines.append(f"{name:<{name_w}}  {n:>6}  {k:>7}  {k / n if n else float('nan'):>8.2%}")
+    precision, recall, f1 = class_metrics(cm)
+    name_w = max(13, *map(len, classes))
+    lines = [f"{'class':<{name_w}}  {'count':>6}  {'correct':>7}  {'accuracy':>8}  "
+             f"{'precision':>9}  {'recall':>6}  {'f1':>6}"]
+    for name, n, k, p, r, f in zip(classes, count, correct, precision.tolist(), recall.tolist(),
+                                   f1.tolist()):
+        lines.append(f"{name:<{name_w}}  {n:>6}  {k:>7}  {k / n if n else float('nan'):>8.2%}  "
+                     f"{p:>9.4f}  {r:>6.4f}  {f:>6.4f}")
+    lines.append(f"{'macro average':<{name_w}}  {sum(count):>6}  {sum(correct):>7}  "
+                 f"{sum(correct) / max(1, sum(count)):>8.2%}  {precision.mean():>9.4f}  "
+                 f"{recall.mean():>6.4f}  {f1.mean():>6.4f}")
 
     if len(classes) > plots.MAX_MATRIX_CLASSES:
         pairs = most_confused(cm, classes)
@@ -153,15 +178,26 @@ def evaluate_split(args, model, ckpt, c, device, amp) -> None:
     out = output_dir(args)
     # never into a wrong DATA_DIR
     data = imagedata.load_split(c, False, device, classes=ckpt["classes"], download=False)
+    try:  # a folder's DataLoader workers stop when the report ends, however it ends
+        report(args, model, c, data, ckpt, device, amp, out)
+    finally:
+        imagedata.close(data)
+
+
+def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
+    """The printed report and the pictures for the test split `data`."""
     classes = [plots.printable(name) for name in ckpt["classes"]]
-    preds = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
-                           device, amp, c["tta"]).argmax(1)
-    labels = data.labels.cpu()
+    logits = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
+                            device, amp, c["tta"])
+    preds, labels = logits.argmax(1), data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
         print(f'Predicted: "{classes[p]}", Actual: "{classes[y]}"')
     correct = int((preds == labels).sum())
     print(f"test accuracy: {correct}/{len(labels)} = {correct / len(labels):.2%}")
+    if len(classes) > 10:
+        top5 = int((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum())
+        print(f"top-5 accuracy: {top5}/{len(labels)} = {top5 / len(labels):.2%}")
 
     cm = confusion_matrix(preds, labels, len(classes))
     print()
@@ -176,6 +212,61 @@ def evaluate_split(args, model, ckpt, c, device, amp) -> None:
             g = torch.Generator().manual_seed(args.grid_seed)
             indices = sorted(torch.randperm(len(data), generator=g)[:n].tolist())
         plots.draw_grid(data, indices, preds, labels, classes, out / "predictions.png")
+    report_mistakes(args, model, c, data, logits, labels, classes, out)
+
+
+def report_mistakes(args, model, c, data, logits, labels, classes, out: Path) -> None:
+    """mistakes.csv (every misclassified image, worst loss first), cam.png (the first CAM images with
+    the heat map of their predicted class) and mistakes.png (the MISTAKES highest losses)."""
+    probs = torch.softmax(logits, dim=1)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    preds = probs.argmax(1)
+    order = losses.argsort(descending=True, stable=True)
+    wrong = [i for i in order.tolist() if preds[i] != labels[i]]
+    rows = [["image", "actual", "predicted", "p_actual", "p_predicted", "loss"]]
+    rows += [[plots.printable(data.name(i)), classes[labels[i]], classes[preds[i]], f"{probs[i, labels[i]]:.6f}",
+              f"{probs[i, preds[i]]:.6f}", f"{losses[i]:.6f}"] for i in wrong]
+    write_csv(out / "mistakes.csv", rows)
+    layer, cams, name = None, {}, ""
+    shown = list(range(min(args.cam, len(labels))))
+    worst = order[:args.mistakes].tolist()
+    if shown or worst:
+        layer, name = gradcam.cam_layer(model, c["image_size"])
+        cams = heat_maps(model, data, sorted(set(shown) | set(worst)), preds, layer,
+                         args.batch_size)
+    if shown:
+        plots.draw_cams([data.raw(i) for i in shown], [cams[i] for i in shown],
+                        [f"pred {classes[preds[i]]}\ntrue {classes[labels[i]]}" for i in shown],
+                        [bool(preds[i] != labels[i]) for i in shown],
+                        f"Grad-CAM of the predicted class at {name}", out / "cam.png")
+    if worst:
+        plots.draw_cams([data.raw(i) for i in worst], [cams[i] for i in worst],
+                        [f"{classes[preds[i]]} / {classes[labels[i]]}\n"
+                         f"{losses[i]:.2f} / {probs[i, preds[i]]:.2f}" for i in worst],
+                        [bool(preds[i] != labels[i]) for i in worst],
+                        f"highest losses: predicted / actual / loss / probability of the predicted "
+                        f"class; Grad-CAM at {name}", out / "mistakes.png")
+
+
+def heat_maps(model, data, indices: list[int], classes: torch.Tensor, layer: int,
+              batch_size: int) -> dict[int, torch.Tensor]:
+    """{i: Grad-CAM heat map (H, W) of class classes[i] for image i}, a batch at a time."""
+    cams = {}
+    for chunk in torch.tensor(indices, dtype=torch.long).split(batch_size):
+        for x, _ in data.batches(chunk, len(chunk)):  # one batch
+            for i, cam in zip(chunk.tolist(), gradcam.grad_cam(model, x, layer, classes[chunk])):
+                cams[i] = cam.cpu()
+    return cams
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    """A CSV file written whole or not at all; one that cannot be written is a warning."""
+    try:
+        checkpoints.write_csv(path, rows)
+    except UserError as e:
+        print(f"warning: {e}", file=sys.stderr)
+        return
+    print(f"wrote {path}")
 
 
 def output_dir(args) -> Path:
@@ -258,6 +349,10 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
 
     files = find_images(args.image, report)
+    out = output_dir(args) if files else None
+    rows = [["file", "predicted", "probability", f"top_{args.top_k}"]]
+    layer, name = gradcam.cam_layer(model, c["image_size"])
+    drawn, heats, titles = [], [], []  # for cam.png: the first CAM images
     for start in range(0, len(files), args.batch_size):
         paths, images, inverted = [], [], []
         for path in files[start:start + args.batch_size]:
@@ -281,16 +376,41 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
         else:
             # the very same device preprocessing as the test split: a DeviceImages of these images
-            batches = imagedata.DeviceImages(x, torch.zeros(len(x), dtype=torch.long), classes,
-                                             mean, std, c["image_size"],
-                                             device).batches(torch.arange(len(x)), len(x))
+            batches = list(imagedata.DeviceImages(
+                x, torch.zeros(len(x), dtype=torch.long), classes, mean, std, c["image_size"],
+                device).batches(torch.arange(len(x)), len(x)))
         probs = torch.softmax(predict_logits(model, batches, device, amp, c["tta"]), dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
         for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):
             top = ", ".join(f'"{classes[k]}" {p:.2%}' for p, k in zip(ps, ks))
             print(f'{path}: Predicted: "{classes[ks[0]]}" | top-{len(ks)}: {top}'
                   f'{" (inverted)" if inv else ""}')
+            rows.append([plots.printable(str(path)), classes[ks[0]], f"{ps[0]:.6f}",
+                         "; ".join(f"{classes[k]} {p:.6f}" for p, k in zip(ps, ks))])
+        n = min(len(paths), args.cam - len(drawn))
+        if n > 0:  # heat maps of the predicted class, for cam.png
+            cams = gradcam.grad_cam(model, batches[0][0][:n], layer, top_i[:n, 0])
+            for k in range(n):
+                drawn.append(shown_image(paths[k], images[k], dataset))
+                heats.append(cams[k].cpu())
+                titles.append(f"{Path(paths[k]).name[:24]}\npred {classes[top_i[k, 0]]} "
+                              f"{top_p[k, 0]:.0%}")
+    if out is not None:
+        write_csv(out / "predictions.csv", rows)
+        plots.draw_cams(drawn, heats, titles, [False] * len(drawn),
+                        f"Grad-CAM of the predicted class at {name}", out / "cam.png")
     return len(errors)
+
+
+def shown_image(path: Path, x: torch.Tensor, dataset: str):
+    """The picture cam.png shows for a file given to --image: as the network saw it for the
+    built-in datasets (grey, inverted where it was), else the file itself in RGB."""
+    from PIL import Image
+    if dataset != "folder":
+        return (Image.fromarray(x[0].numpy()) if x.shape[0] == 1
+                else Image.fromarray(x.permute(1, 2, 0).numpy()))
+    with Image.open(path) as im:
+        return imagedata.eight_bit(im).convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------- main

@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -647,6 +648,15 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
             "test": (test_loss, test_acc)}
 
 
+@contextmanager
+def closing_data(*splits):
+    """The splits' DataLoader workers are stopped when the run ends, however it ends."""
+    try:
+        yield
+    finally:
+        imagedata.close(*splits)
+
+
 def wrap(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     """The module the training steps call: DDP under torchrun, compiled with COMPILE."""
     if run.distributed:
@@ -716,7 +726,8 @@ def main() -> tuple[TrainingState, dict]:
               imagedata.in_memory(train_data) if c["dataset"] == "folder" else None)
 
     # ---- from here on, out of memory is one line with a batch size that fits
-    with devices.out_of_memory_explained(c, device, amp, len(run.classes)):
+    with devices.out_of_memory_explained(c, device, amp, len(run.classes)), \
+            closing_data(train_data, val_data, test_data):
         # ---- model, optimizer, schedule: fresh, or where last.pth left them
         state = build_state(run, ckpt, fetched)
         del fetched
