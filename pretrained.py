@@ -10,6 +10,7 @@ BatchNorm layers stay in eval mode, so their running statistics do not move); af
 trains, the pretrained layers at LR x BACKBONE_LR_MULT and the head at LR.
 """
 
+import http.client
 import urllib.error
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def fetch_imagenet(c: dict, progress: bool = True) -> tuple[dict, list[str], str
         # cut off or corrupt leaves nothing in the cache
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
                                                    progress=progress, weights_only=True)
+    except http.client.HTTPException as e:  # the connection ended before the whole file came
+        raise UserError(f"the download of {url} was cut off ({type(e).__name__}); nothing was "
+                        "kept, run again") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise UserError(f"cannot download the ImageNet weights of {name} ({reason}): fetch {url} "

@@ -9,9 +9,11 @@ your own images.
     python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
     python test.py --tta off                            # a model trained with --tta, plain logits
 
-On the test split it prints predicted against actual labels, the accuracy, a per-class table and the
-confusion matrix, and writes confusion.png and predictions.png next to the checkpoint (or to --out).
-With --image it prints, for each image, the predicted class and the three most likely classes.
+On the test split it prints predicted against actual labels, the accuracy, a per-class table
+(precision, recall, F1) and the confusion matrix, and writes confusion.png, predictions.png, cam.png
+(Grad-CAM heat maps), mistakes.png (the highest losses) and mistakes.csv (every mistake) next to the
+checkpoint (or to --out). With --image it prints, for each image, the predicted class and the three
+most likely classes, and writes predictions.csv and cam.png.
 
 The model is rebuilt from the configuration stored in the checkpoint, and every image is
 preprocessed exactly as the test images were during training. Nothing opens a window.

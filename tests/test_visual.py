@@ -119,7 +119,8 @@ def test_confusion_matrix_matches_the_accuracy_and_the_predictions(split_run):
         expected[int(y), int(p)] += 1
     assert (cm == expected).all()
     # The per-class table says the same.
-    table = re.findall(r"^(\d)\s+(\d+)\s+(\d+)\s+([\d.]+|nan)%$", out, re.M)
+    table = re.findall(r"^(\d)\s+(\d+)\s+(\d+)\s+([\d.]+|nan)%\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out,
+                       re.M)
     assert [(int(k), int(n), int(c)) for k, n, c, _ in table] == [
         (k, int(cm[k].sum()), int(cm[k, k])) for k in range(10)]
 
