@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
 from cli import UserError
+from imagedata import normalization
 
 # torchvision's ImageNet weights expect RGB in [0, 1] normalized with these.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -101,7 +101,6 @@ def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | N
         if held != wanted:
             raise UserError(f"--pretrained {path} holds a {held}, but this run builds a {wanted}: "
                             "set --depth, --batch-norm/--no-batch-norm and --width-div to match")
-        from imagedata import normalization
         return (obj["model"], list(obj["classes"]),
                 f"{Path(path).name} ({src.get('dataset')}, epoch {obj.get('epoch')})",
                 [list(s) for s in normalization(src)])
