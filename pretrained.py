@@ -160,9 +160,11 @@ def fetch(c: dict, progress: bool = True) -> tuple[dict, list[str] | None, str, 
     return state, names, what, normalize
 
 
-def fetch_once_per_machine(c: dict, local_rank: int | None, distributed: bool):
+def fetch_once_per_machine(c: dict, local_rank: int | None, distributed: bool,
+                           device: torch.device | None = None):
     """fetch(), with one process per machine downloading under torchrun while the others wait for
-    it; a failure is one line from rank 0, and the other processes exit quietly."""
+    it; a failure is one line from rank 0, and the other processes exit quietly. `device`: where
+    the process group's tensors live (NCCL and HCCL reduce only tensors on their device)."""
     import torch.distributed as dist
     if not distributed:
         return fetch(c)
@@ -172,7 +174,7 @@ def fetch_once_per_machine(c: dict, local_rank: int | None, distributed: bool):
             fetch(c, progress=dist.get_rank() == 0)
         except UserError as e:
             error = e
-    failed = torch.tensor([float(error is not None)])
+    failed = torch.tensor([float(error is not None)], device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier the others wait at
     if failed.item():
         if error is not None and dist.get_rank() == 0:

@@ -700,7 +700,7 @@ def main() -> tuple[TrainingState, dict]:
         devices.check_same_settings(config | {"resume": args.resume, "overwrite": args.overwrite},
                                     ignore=("data_dir", "workers"))
     # pretrained weights: downloaded (or found missing) before anything in SAVE_DIR is touched
-    fetched = (pretrained.fetch_once_per_machine(config, local_rank, world > 1)
+    fetched = (pretrained.fetch_once_per_machine(config, local_rank, world > 1, device)
                if config["pretrained"] is not None and not args.resume else None)
 
     # ---- the save folder: locked, then a fresh run or last.pth
