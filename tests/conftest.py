@@ -111,6 +111,16 @@ TINY = ["--image-size", "32", "--width-div", "16", "--batch-size", "32", "--epoc
         "--log-every", "2", "--lr", "0.05"]
 
 
+def load_script(script: str, name: str):
+    """A script of the repo imported as a fresh module under `name`, by path (`import test` could
+    find the standard library's package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load(path) -> dict:
     """A checkpoint, loaded as test.py and train.py load it."""
     return torch.load(path, map_location="cpu", weights_only=True)

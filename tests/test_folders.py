@@ -97,11 +97,8 @@ def test_the_streamed_path_lists_the_same_files(root):
 
 
 def test_own_images_skip_hidden_names_and_report_a_fifo(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("test_script_folders",
-                                                  Path(__file__).parent.parent / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
+    module = load_script("test.py", "test_script_folders")
     png(tmp_path / "photos" / "a.png")
     png(tmp_path / "photos" / ".ipynb_checkpoints" / "a-checkpoint.png")
     png(tmp_path / "photos" / "._a.png")

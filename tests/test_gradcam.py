@@ -2,7 +2,6 @@
 against where the evidence really is; mistakes.csv and the metrics against the predictions."""
 
 import csv
-import importlib.util
 import re
 
 import numpy as np
@@ -15,7 +14,7 @@ import gradcam
 import imagedata
 import net
 import train
-from conftest import ROOT, TINY, make_mnist, run_train_in_process
+from conftest import load_script, make_mnist, run_train_in_process
 
 CPU = torch.device("cpu")
 
@@ -111,10 +110,7 @@ def test_the_heat_map_lies_on_the_pattern_that_decides_the_class(tmp_path, monke
 
 @pytest.fixture(scope="module")
 def test_script():
-    spec = importlib.util.spec_from_file_location("test_script_gradcam", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("test.py", "test_script_gradcam")
 
 
 def test_mistakes_csv_and_the_metrics_agree_with_the_predictions(tmp_path, test_script,

@@ -51,7 +51,6 @@ def test_the_frozen_epoch_moves_only_the_head(source, photos, tmp_path, monkeypa
     before, after = load(source)["model"], load(tmp_path / "last.pth")["model"]
     assert not weight_differences(body(before), body(after))
     assert after["classifier.6.weight"].shape == (2, 4096 // 16)
-    fresh = net.build_model(load(tmp_path / "last.pth")["config"], 2)
     torch.manual_seed(0)  # the head the run began with: the seeded fresh model's
     fresh = net.build_model(load(tmp_path / "last.pth")["config"], 2).state_dict()
     assert not torch.equal(after["classifier.6.weight"], fresh["classifier.6.weight"])
@@ -76,7 +75,6 @@ def test_after_the_unfreeze_the_body_trains_at_a_tenth_of_the_rate(source, photo
 def test_the_learning_rate_of_each_group_at_each_step(source, photos, tmp_path, monkeypatch):
     """Recorded at every optimizer step: the body's rate is LR x 0.1 x the schedule's factor, the
     head's LR x the factor, and the body has no gradients while frozen."""
-    import train
     seen = []
     real_step = torch.optim.SGD.step
 

@@ -1,7 +1,6 @@
 """test.py's report as a user meets it: class names as the checkpoint orders them, names that are no
 UTF-8, Ctrl-C, and pictures that are whole or absent."""
 
-import importlib.util
 import os
 import re
 import signal
@@ -18,14 +17,11 @@ import checkpoints
 import net
 import plots
 import train
-from conftest import ROOT, TINY, make_mnist, run_script
+from conftest import ROOT, TINY, load_script, make_mnist, run_script
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("test_script_report", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("test.py", "test_script_report")
 
 
 def config(**more) -> dict:

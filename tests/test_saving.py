@@ -7,7 +7,6 @@ order, a hand-computed number), so that two runs sharing one bug cannot agree th
 import math
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ import torch
 import checkpoints
 import cli
 import devices
-import imagedata
 import net
 import train
 from conftest import TINY, load, make_mnist, run_train_in_process
@@ -60,11 +58,8 @@ def test_an_evaluated_loss_that_is_not_finite_saves_nothing(tmp_path, monkeypatc
 
 @pytest.mark.quick
 def test_test_script_says_when_a_checkpoint_is_not_finite(tmp_path, capsys):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("test_script_saving", ROOT / "test.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from conftest import load_script
+    script = load_script("test.py", "test_script_saving")
     c = tiny_config()
     model = net.build_model(c, 10)
     state = model.state_dict()
@@ -183,7 +178,7 @@ def test_resume_and_test_find_the_data_folder_by_one_rule(tmp_path, monkeypatch,
     then ./data: --resume --save-dir X without --data-dir continues on the run's own data (it used
     to fall back to ./data), and test.py on the checkpoint ignores a DATA_DIR exported for
     another dataset (README's CIFAR-10 recipe, followed verbatim)."""
-    from conftest import ROOT, run_script
+    from conftest import run_script
     root = make_mnist(tmp_path / "d", n_train=16, n_test=8)
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "elsewhere"))
     args = [*TINY, "--batch-size", "8", "--save-dir", tmp_path / "s"]

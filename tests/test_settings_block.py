@@ -5,7 +5,6 @@ edited block, as a user's edit of train.py / test.py / bench.py would, and check
 one line naming the setting, before anything runs.
 """
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -13,17 +12,13 @@ import sys
 import pytest
 
 import cli
-import train
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 pytestmark = pytest.mark.quick
 
 
 def script_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"block_of_{name[:-3]}", ROOT / name)
-    module = importlib.util.module_from_spec(spec)  # not `import test`: that is Python's own package
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, f"block_of_{name[:-3]}")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 and test.py --image on files written the way a user would write them."""
 
 import csv
-import importlib.util
 import re
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 
 import imagedata
 import plots
-from conftest import ROOT, TINY, make_cifar, make_mnist, run_script
+from conftest import TINY, load_script, make_cifar, make_mnist, run_script
 
 N_TEST = 64
 PRED_LINE = re.compile(r'^Predicted: "(.*)", Actual: "(.*)"$', re.M)
@@ -28,10 +27,7 @@ def is_png(path) -> bool:
 @pytest.fixture(scope="module")
 def script():
     """test.py imported as a module (by path: `import test` could find the standard library's package)."""
-    spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("test.py", "test_script")
 
 
 @pytest.fixture(scope="module")
