@@ -9,18 +9,20 @@
 The pipelines, each training the same architecture at the same batch size with SGD + momentum:
   (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from
       a seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where
-      supported.
+      supported, SGD's fused step on CPU and CUDA, and below 64 px the first Linear on the 1x1 map
+      (net.VGG.sum_1x1): the training step of train.py.
   (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a
       DataLoader, then per batch a numpy round trip that copies the 1 channel into 3, fp32. The
-      model is this repo's net.vgg (the tutorial's own had a softmax in forward and ReLUs only after
-      pooling), so only the pipeline differs.
+      model is this repo's net.vgg with its layers run as written (the tutorial's own had a softmax
+      in forward and ReLUs only after pooling).
   (c) torchvision's: models.vgg16 (vgg16_bn with --batch-norm) with the standard transforms
       (Resize, Grayscale(3), ToTensor, Normalize) through a DataLoader, fp32.
 
 For each: images/s (batch size / median step time after the warm-up steps; a step includes fetching
 its batch), peak memory, and the model's achieved FLOP/s, set against the fp32 matmul FLOP/s
 measured in the same run. FLOPs per image are counted by torch.utils.flop_counter on one
-forward + backward (convolutions and matmuls; BatchNorm, ReLU and pooling count as 0).
+forward + backward of the network as written (convolutions and matmuls; BatchNorm, ReLU and pooling
+count as 0), the same for all three, so work that (a) skips shows as speed, not as fewer FLOPs.
 
 On a CPU, THP_MEM_ALLOC_ENABLE=1 in the environment makes PyTorch back tensors of 2 MB and more with
 huge pages: far fewer page faults for the fresh weight copies and gradients of every step
@@ -69,8 +71,6 @@ WORKERS = None           # DataLoader workers for (b) and (c); None: 0 on a CPU 
 DEVICE = "auto"          # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
 AMP = "auto"             # autocast dtype of (a): auto (bf16 where it is faster) | bf16 | fp16 | off
 COMPILE = False          # torch.compile the model of (a)
-FUSED_SGD = False        # (a) with SGD(fused=True): one pass over the weights instead of three;
-                         # train.py does not do this
 QUICK = False            # small settings for CI (the --quick values above; 5 matmuls), synthetic
                          # data if the dataset is absent; a value typed on the command line wins
 JSON = None              # also write the results to this JSON file
@@ -178,6 +178,7 @@ def flops_per_image(build, image_size: int, batch_size: int) -> float:
         model = build()
         x = torch.empty(batch_size, 3, image_size, image_size)
         y = torch.zeros(batch_size, dtype=torch.long)
+        model.sum_1x1 = False  # the FLOPs of the network as written, whatever (a) skips
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / batch_size
@@ -268,8 +269,8 @@ def loader(dataset, args, device: torch.device):
 
 # ------------------------------------------------------------------------------ the three pipelines
 
-def sgd(model, fused: bool = False):
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=fused or None)
+def sgd(model, fused: bool | None = None):
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=fused)
 
 
 def pipeline_repo(args, device, amp, synthetic_size):
@@ -295,7 +296,7 @@ def pipeline_repo(args, device, amp, synthetic_size):
     model = build().to(device)
     if device.type in ("cuda", "cpu"):  # as train.py: faster convolutions on both
         model = model.to(memory_format=torch.channels_last)
-    optimizer = sgd(model, args.fused_sgd)
+    optimizer = sgd(model, devices.fused_step(device))  # as train.py
     # fp16 needs loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     train_model = torch.compile(model) if args.compile else model
@@ -325,7 +326,9 @@ def pipeline_tutorial(args, device, amp, synthetic_size):
             yield torch.from_numpy(x).to(device), y.to(device)
 
     def build():
-        return vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
+        model = vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
+        model.sum_1x1 = False  # the layers as written, as the tutorial's model had them
+        return model
 
     torch.manual_seed(SEED)
     return batches(), fp32_step(build().to(device)), build
@@ -414,7 +417,7 @@ def main() -> None:
           f"{' (--quick)' if args.quick else ''}")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"(a) in {precision}{' + torch.compile' if args.compile else ''}"
-          f"{' + fused SGD' if args.fused_sgd else ''}, (b) and (c) in fp32")
+          f", (b) and (c) in fp32")
     print(f"data: {data_note or f'{args.dataset} under {Path(args.data_dir).resolve()}'}",
           flush=True)
 

@@ -154,7 +154,7 @@ SCRIPT_SETTINGS = {
     "test.py": ("checkpoint show show_all grid grid_seed cam mistakes out image invert top_k "
                 "batch_size device amp tta skip_bad_images data_dir").split(),
     "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
-                 "device amp compile fused_sgd quick json").split(),
+                 "device amp compile quick json").split(),
 }
 NONE_ALLOWED = {"train.py": {"pretrained"},
                 "test.py": {"grid_seed", "out", "image", "amp", "data_dir"},
@@ -246,7 +246,7 @@ FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", 
                   "save_every_minutes", "label_smoothing", "val_fraction", "backbone_lr_mult")
 
 
-BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "fused_sgd", "quick",
+BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "quick",
                  "tta")
 
 

@@ -215,9 +215,11 @@ def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
     BatchNorm parameters; a fine-tune's pretrained layers at LR x BACKBONE_LR_MULT."""
     lr = effective_lr(c, world)
     groups = pretrained.parameter_groups(model, c, lr)
+    fused = devices.fused_step(next(model.parameters()).device)
     if c["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999))
-    return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"])
+        return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999), fused=fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"], fused=fused)
+
 
 
 def effective_lr(c: dict, world: int) -> float:
@@ -376,6 +378,8 @@ def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> Tr
         return state
     checkpoints.load_model_state(model, ckpt["model"], run.last_path)
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups name the device they were made for
+        group["fused"] = devices.fused_step(device)
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
         scaler.load_state_dict(ckpt["scaler"])

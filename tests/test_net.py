@@ -93,3 +93,25 @@ def test_width_div_divides_every_channel_count():
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):
         net.vgg(**bad)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_a_1x1_map_skips_the_49_copies_and_trains_exactly_as_torchvision(size):
+    """Below 64 px the first Linear runs on the 1x1 map with its weights summed over the 49
+    positions: the adaptive pool is not called, and outputs and every gradient equal those of
+    torchvision's vgg16_bn with the same weights."""
+    torch.manual_seed(0)
+    mine = net.vgg(16, 10, batch_norm=True, dropout=0.0, width_div=8)
+    reference = models.vgg16_bn(num_classes=10, dropout=0.0)
+    reference.features, reference.classifier = [__import__("copy").deepcopy(m) for m in
+                                                (mine.features, mine.classifier)]
+    pooled = []
+    mine.avgpool.register_forward_hook(lambda *a: pooled.append(1))
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 3, 9, 3])
+    for model in (mine, reference):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert pooled == []
+    torch.testing.assert_close(mine(x), reference(x), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(mine.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert mine.classifier[0].weight.grad.shape == (512, 64 * 49)
