@@ -48,7 +48,7 @@ from torch import nn
 import cli
 import devices
 import imagedata
-from cli import UserError
+from errors import UserError
 from imagedata import DATASETS
 from net import vgg
 

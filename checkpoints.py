@@ -1,8 +1,9 @@
 """Everything about the files a run keeps in SAVE_DIR: checkpoints, metrics.csv, the lock, old runs.
 
-A checkpoint is a dict of tensors and plain values, written atomically and loaded with
-weights_only=True. last.pth holds the whole training state; epoch_NNN.pth and best.pth hold the
-weights, config and class names that test.py needs.
+This module owns the checkpoint format. A checkpoint is one dict of tensors and plain values,
+built here (`training_state` for last.pth, `weights` for epoch_NNN.pth and best.pth), written
+atomically by `save` and read back by `load` with weights_only=True, which passes every file
+through `upgrade`: the one place that knows what older formats lacked.
 """
 
 import csv
@@ -20,7 +21,7 @@ try:
 except ImportError:
     fcntl = None
 
-from cli import UserError
+from errors import UserError
 
 # What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's
 # first save.
@@ -35,6 +36,77 @@ RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
 # val_loss and val_acc come last, so a metrics.csv begun before validation splits keeps its columns.
 METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
                   "images_per_s", "val_loss", "val_acc"]
+
+
+# ------------------------------------------------------------------------------ checkpoint format
+
+# The version of the format every checkpoint names under "format".
+#   1: files written before the key existed (what each lacks depends on its age: see `upgrade`).
+#   2: "format" added; config holds every setting that changes the model or the run.
+FORMAT = 2
+
+
+def last_path(save_dir) -> Path:
+    """The training state a run resumes from."""
+    return Path(save_dir) / "last.pth"
+
+
+def best_path(save_dir) -> Path:
+    """The weights of the epoch with the best validation accuracy (test.py's default)."""
+    return Path(save_dir) / "best.pth"
+
+
+def epoch_path(save_dir, epoch: int) -> Path:
+    """The weights after `epoch` (1-based) epochs."""
+    return Path(save_dir) / f"epoch_{epoch:03d}.pth"
+
+
+def training_state(*, model: dict, optimizer: dict, scheduler: dict, scaler: dict, epoch: int,
+                   step: int, best_acc: float, config: dict, classes: list, world: int,
+                   rng: list, partial: list, folder_in_memory: bool | None) -> dict:
+    """What last.pth holds: everything `train.py --resume` needs to go on exactly.
+    model/optimizer/scheduler/scaler: state dicts; epoch: epochs completed; step: steps done in the
+    next one; best_acc: the best validation accuracy so far; config: the run's settings; classes:
+    the class names in label order; world: the number of processes; rng: each process's random
+    streams (devices.random_state); partial: the next epoch's totals so far; folder_in_memory:
+    whether a folder dataset's training images were decoded in memory (None: no folder)."""
+    return {"format": FORMAT, "model": model, "optimizer": optimizer, "scheduler": scheduler,
+            "scaler": scaler, "epoch": epoch, "step": step, "best_acc": best_acc,
+            "config": config, "classes": classes, "world": world, "rng": rng,
+            "partial": partial, "folder_in_memory": folder_in_memory}
+
+
+def weights(state: dict, test_acc: float, val_acc: float | None) -> dict:
+    """What epoch_NNN.pth and best.pth hold: the weights and what test.py needs to rebuild the
+    network, from a `training_state`, with that epoch's accuracies (val_acc None: no validation
+    split)."""
+    return {"format": FORMAT, **{k: state[k] for k in
+                                 ("model", "config", "classes", "epoch", "best_acc")},
+            "test_acc": test_acc, "val_acc": val_acc}
+
+
+def upgrade(ckpt: dict, path) -> dict:
+    """A checkpoint of any format as the current one: older files get the values their runs had
+    (settings added since then were off), a newer one is refused."""
+    version = ckpt.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT:
+        raise UserError(f"{path} has checkpoint format {version!r}, newer than this code reads "
+                        f"(format {FORMAT}): update the code to use it")
+    if version < 2:
+        config = ckpt["config"]
+        config.setdefault("val_fraction", 0.0)   # before validation splits: all images trained
+        config.setdefault("label_smoothing", 0.0)
+        config.setdefault("tta", False)
+        config.setdefault("pretrained", None)    # before fine-tuning: from scratch
+        config.setdefault("freeze_epochs", 1)
+        config.setdefault("backbone_lr_mult", 0.1)
+        config.setdefault("normalize", None)     # the dataset's own statistics
+        ckpt.setdefault("best_acc", 0.0)
+        if "optimizer" in ckpt:  # a training state
+            ckpt.setdefault("world", 1)
+            ckpt.setdefault("folder_in_memory", None)  # decided again from the free memory
+        ckpt["format"] = FORMAT
+    return ckpt
 
 
 # -------------------------------------------------------------------------------- checkpoint files
@@ -95,7 +167,7 @@ def load(path, map_location="cpu") -> dict:
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
-    return ckpt
+    return upgrade(ckpt, path)
 
 
 def model_state(model: torch.nn.Module) -> dict:
@@ -251,7 +323,7 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
     """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch
     (the best validation accuracy; without a validation split the last epoch; in checkpoints written
     before validation splits, the best test accuracy). False when none of them is that epoch."""
-    best = folder / "best.pth"
+    best = best_path(folder)
     if best.exists() or ckpt["epoch"] == 0:
         return True
     # oldest first: training keeps the first epoch that reaches the best accuracy (a tie is no

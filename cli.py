@@ -17,11 +17,8 @@ import tokenize
 from pathlib import Path
 from types import MappingProxyType
 
-from net import CFGS
-
-class UserError(Exception):
-    """A mistake the user can fix (bad option, missing file, ...): reported in one line, exit code
-    2."""
+import net
+from errors import UserError  # noqa: F401 (the scripts import it from here too)
 
 
 def run_main(main):
@@ -95,14 +92,52 @@ def frozen(namespace: dict) -> MappingProxyType:
                              if k in namespace})
 
 
+def read_recipe(path: str, script: str, defaults: dict, flags: dict) -> dict:
+    """The settings a recipe file sets (recipes/*.py): `NAME = value` lines in the form of the
+    script's settings block (Python literals; comments and a docstring allowed), checked by the
+    same rules. Returns NAME -> value."""
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except OSError as e:
+        raise UserError(f"recipe {path}: {e.strerror or e}") from None
+    except (SyntaxError, ValueError) as e:
+        raise UserError(f"recipe {path} is not a Python file of NAME = value lines "
+                        f"({getattr(e, 'msg', e)}, line {getattr(e, 'lineno', '?')})") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"recipe {path}, line {node.lineno}: a recipe holds only "
+                            "NAME = value lines")
+        name = node.targets[0].id
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"recipe {path}, line {node.lineno}: {name} must be a plain value "
+                            "(a number, string, True, False, None or a list of them)") from None
+        if name not in defaults:
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"{name} in recipe {path} is no setting of {script}{hint}")
+    if SCRIPT_SETTINGS.get(script) is None:
+        return values
+    return checked_values(values, f"recipe {path}", script, flags)
+
+
 def parse_config(defaults: dict, source_file: str, description: str, argv=None,
-                 extra=lambda parser: None, flags=None) -> tuple[dict, argparse.Namespace]:
+                 extra=lambda parser: None, flags=None,
+                 checks=(), recipes: bool = False) -> tuple[dict, argparse.Namespace]:
     """Build the command line from the UPPERCASE constants of a script, and check the values.
 
     Each constant NAME becomes --name (underscores as dashes) with the constant's type and the
     comment on its line as help, so the block at the top of the script stays the single source.
     A bool gives --name / --no-name. `flags` adds argparse options for a setting by its lowercase
-    name (choices, nargs, a metavar). `extra(parser)` adds options that are no setting.
+    name (choices, nargs, a metavar). `extra(parser)` adds options that are no setting. With
+    `recipes`, a file named first (`python train.py recipes/mnist_cpu.py`) replaces the block's
+    values with its own, and options typed with it win over both. `checks` are the script's own
+    rules (each called with the config).
     Returns (config with lowercase keys, namespace with every option); args.explicit holds the
     settings typed on the command line.
     """
@@ -124,14 +159,23 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
             options.pop("metavar", None)
         parser.add_argument("--" + key.replace("_", "-"), **(options | more))
     extra(parser)
+    if recipes:
+        parser.add_argument("recipe", nargs="?", metavar="RECIPE",
+                            help="a file of settings (recipes/*.py) that replace those above; "
+                                 "options typed with it win")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    from_recipe = {}
+    if recipes and args.recipe is not None:
+        from_recipe = read_recipe(args.recipe, script, defaults, flags or {})
+        parser.set_defaults(**{name.lower(): value for name, value in from_recipe.items()})
+        args = parser.parse_args(argv)
     config = {name.lower(): getattr(args, name.lower()) for name in defaults}
-    # Which settings were typed (--resume reports only those when they differ; bench.py's --quick
-    # gives way to them).
+    # Which settings were typed, or set by the recipe (--resume reports only those when they
+    # differ; bench.py's --quick gives way to them).
     typed = {a.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
              for a in argv if a.startswith("--")}
-    args.explicit = typed & config.keys()
+    args.explicit = (typed | {name.lower() for name in from_recipe}) & config.keys()
     for key, more in (flags or {}).items():  # a value from the source gets argparse's checks too
         if "choices" in more and config[key] is not None and config[key] not in more["choices"]:
             raise UserError(f"--{key.replace('_', '-')} must be one of "
@@ -139,6 +183,8 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
     # those with choices are checked above (bench.py's --dataset synthetic is no dataset of
     # train.py's)
     check_config({k: v for k, v in config.items() if "choices" not in (flags or {}).get(k, {})})
+    for check in checks:  # the script's own rules (imagedata.check_settings)
+        check(config)
     return config, args
 
 
@@ -189,30 +235,37 @@ def check_block(defaults: dict, script: str, flags: dict) -> dict:
     if missing:
         raise UserError(f"{script}'s settings block has no {missing[0].upper()} (the setting "
                         f"--{missing[0].replace('_', '-')}): put it back above DEFAULTS")
+    return checked_values(defaults, script, script, flags)
+
+
+def checked_values(values: dict, where: str, script: str, flags: dict) -> dict:
+    """`values` (NAME -> value, from a settings block or a recipe file) checked by their settings'
+    rules: each of its setting's type (an int literal for a float setting becomes a float), None
+    only where documented, a choice among the choices. Returns the values to use."""
     out = {}
-    for name, value in defaults.items():
+    for name, value in values.items():
         key = name.lower()
         kind = setting_kind(key, flags)
         if key == "image" and isinstance(value, str):
             value = [value]
         choices = flags.get(key, {}).get("choices")
         if choices and value is not None and value not in choices:
-            raise UserError(f"{name} = {value!r} in {script}: --{key.replace('_', '-')} must be "
+            raise UserError(f"{name} = {value!r} in {where}: --{key.replace('_', '-')} must be "
                             f"one of {', '.join(map(str, choices))}")
         if value is None:
             if key not in NONE_ALLOWED.get(script, ()):
-                raise UserError(f"{name} = None in {script}: {name} takes a {kind.__name__} "
+                raise UserError(f"{name} = None in {where}: {name} takes a {kind.__name__} "
                                 "(None is not one of its values)")
         elif key == "image":
             if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
-                raise UserError(f"{name} in {script} must be a path or a list of paths, got "
+                raise UserError(f"{name} in {where} must be a path or a list of paths, got "
                                 f"{value!r}")
             value = list(value)
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             comma = " (a trailing comma makes a tuple)" if isinstance(value, tuple) else ""
-            raise UserError(f"{name} in {script} must be of type {kind.__name__}, got "
+            raise UserError(f"{name} in {where} must be of type {kind.__name__}, got "
                             f"{value!r}{comma}")
         out[name] = value
     return out
@@ -260,16 +313,6 @@ def check_seed(name: str, seed) -> None:
         raise UserError(f"{name} must be an integer from 0 to {SEED_MAX}, got {seed!r}")
 
 
-def check_tta(dataset: str) -> None:
-    """A mirrored digit is no digit: averaging over mirror images suits only data flipped in
-    training."""
-    from imagedata import DATASETS
-    if not DATASETS[dataset].flips:
-        suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
-        raise UserError(f"--tta averages each image with its mirror image, which does not suit "
-                        f"{dataset}; it is for {suited}")
-
-
 def check_path(name: str, value) -> None:
     """An empty string would silently mean the current folder."""
     if not isinstance(value, str) or not value:
@@ -304,15 +347,13 @@ def check_config(c: dict) -> None:
     for key in ("seed", "grid_seed"):
         if key in given:
             check_seed("--" + key.replace("_", "-"), given[key])
-    from imagedata import DATASETS  # imagedata imports UserError from here
-    need("dataset", lambda v: v in DATASETS,
-         f"unknown dataset {{!r}}; choose one of {', '.join(DATASETS)}")
-    need("depth", lambda v: v in CFGS,
-         f"unknown VGG depth {{}}; choose one of {', '.join(map(str, CFGS))}")
-    need("width_div", lambda v: v >= 1 and 64 % v == 0,
-         "--width-div must divide 64 (1, 2, 4, 8, 16, 32, 64), got {}")
-    need("image_size", lambda v: v >= 32,
-         "--image-size must be at least 32 (five 2x2 pools), got {}")
+    # the network's own rules (net.py) and the datasets' (imagedata.check_settings)
+    need("depth", lambda v: v in net.CFGS,
+         f"unknown VGG depth {{}}; choose one of {', '.join(map(str, net.CFGS))}")
+    need("width_div", lambda v: v in net.WIDTH_DIVS,
+         f"--width-div must divide 64 ({', '.join(map(str, net.WIDTH_DIVS))}), got {{}}")
+    need("image_size", lambda v: v >= net.MIN_IMAGE_SIZE,
+         f"--image-size must be at least {net.MIN_IMAGE_SIZE} (five 2x2 pools), got {{}}")
     need("image_size", lambda v: v <= MAX_IMAGE_SIZE,
          f"--image-size must be at most {MAX_IMAGE_SIZE} (a VGG's activations at {{0}} px do not "
          "fit in any device's memory), got {0}")
@@ -338,8 +379,6 @@ def check_config(c: dict) -> None:
          f"unknown schedule {{!r}}; choose one of {', '.join(SCHEDULES)}")
     need("amp", lambda v: v in AMP_MODES,
          f"unknown amp mode {{!r}}; choose one of {', '.join(AMP_MODES)}")
-    if given.get("tta") is True and given.get("dataset") in DATASETS:
-        check_tta(given["dataset"])
     need("augment", lambda v: v in ("auto", "on", "off"),
          "--augment must be auto, on or off, got {!r}")
     need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")

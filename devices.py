@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from errors import UserError
 from net import build_model
 
 def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import devices
-from cli import QuietStream, UserError, console
+from cli import QuietStream, console
+from errors import UserError
 
 @dataclass(frozen=True)
 class Dataset:
@@ -56,6 +57,20 @@ DATASETS = {
     "folder": Dataset((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, None, None, False,
                       True, True),
 }
+
+
+
+def check_settings(c: dict) -> None:
+    """The datasets' rules for a config (train.py's, a checkpoint's, test.py's): DATASET is one of
+    DATASETS, and TTA only where training flips the images (a mirrored digit is no digit)."""
+    dataset = c.get("dataset")
+    if dataset is not None and dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if c.get("tta") is True and dataset is not None and not DATASETS[dataset].flips:
+        suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
+        raise UserError(f"--tta averages each image with its mirror image, which does not suit "
+                        f"{dataset}; it is for {suited}")
+
 
 # Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the
 # epoch's shuffle is seed * SEED_MIX + epoch, its augmentation seed * SEED_MIX + epoch * EPOCH_MIX +
@@ -719,6 +734,19 @@ def normalization(c: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def augment_enabled(c: dict) -> bool:
     """auto: the dataset table's choice (on for natural images, off for digits and clothes)."""
     return c["augment"] == "on" or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment)
+
+
+def epoch_batches(data, c: dict, epoch: int, from_step: int, steps: int,
+                  generator: torch.Generator, rank: int = 0, world: int = 1):
+    """The (images, labels) batches of epoch `epoch` (counted from 0) that process `rank` of
+    `world` trains on, from step `from_step` of its `steps` on: the epoch's seeded shuffle cut into
+    this process's shard, augmented (where augment_enabled) from `generator`, which is seeded for
+    the epoch at step 0; a run resumed mid-epoch passes the generator as last.pth left it."""
+    indices = shard_indices(len(data), c["seed"], epoch, rank, world)
+    if from_step == 0:
+        generator.manual_seed(augmentation_seed(c["seed"], epoch, rank))
+    return data.batches(indices[from_step * c["batch_size"]:], c["batch_size"],
+                        augment_enabled(c), generator, steps=steps - from_step)
 
 
 def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:

@@ -23,6 +23,10 @@ CFGS: dict[int, list[int | str]] = {
     19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
          512, 512, 512, 512, "M"],                                                      # "E"
 }
+# WIDTH_DIV divides every channel count (64 .. 4096) by one of these, so that each stays whole.
+WIDTH_DIVS = (1, 2, 4, 8, 16, 32, 64)
+# Five 2x2 pools take 32 px to 1x1; a smaller input would pool an empty map.
+MIN_IMAGE_SIZE = 32
 
 
 def make_layers(cfg: list[int | str], batch_norm: bool = False,
@@ -141,8 +145,8 @@ def vgg(depth: int = 16, num_classes: int = 10, batch_norm: bool = False, dropou
     """VGG11, 13, 16 or 19 (configurations A, B, D, E)."""
     if depth not in CFGS:
         raise ValueError(f"unknown VGG depth {depth}; choose one of {sorted(CFGS)}")
-    if width_div < 1 or 64 % width_div:
-        raise ValueError(f"width_div must divide 64 (1, 2, 4, 8, 16, 32 or 64), got {width_div}")
+    if width_div not in WIDTH_DIVS:
+        raise ValueError(f"width_div must divide 64 (one of {WIDTH_DIVS}), got {width_div}")
     return VGG(make_layers(CFGS[depth], batch_norm, width_div), num_classes, dropout, width_div,
                init_weights)
 

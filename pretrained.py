@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError
+from errors import UserError
 from imagedata import normalization
 
 # torchvision's ImageNet weights expect RGB in [0, 1] normalized with these.

@@ -33,7 +33,7 @@ import devices
 import gradcam
 import imagedata
 import plots
-from cli import UserError
+from errors import UserError
 from imagedata import DATASETS
 from net import build_model
 
@@ -428,10 +428,8 @@ def main() -> None:
                                                          os.environ.get("DATA_DIR") or "data")
     c["skip_bad_images"] = args.skip_bad_images
     amp = devices.amp_dtype(device, args.amp or c["amp"])
-    # checkpoints from before the setting evaluated without it
-    c["tta"] = c.get("tta", False) if args.tta == "auto" else args.tta == "on"
-    if c["tta"]:
-        cli.check_tta(c["dataset"])
+    c["tta"] = c["tta"] if args.tta == "auto" else args.tta == "on"
+    imagedata.check_settings(c)
     tta_note = ", logits averaged with the mirror image (tta)" if c["tta"] else ""
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} "
           f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "

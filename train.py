@@ -32,7 +32,8 @@ import devices
 import imagedata
 import plots
 import pretrained
-from cli import UserError, console
+from cli import console
+from errors import UserError
 from net import build_model
 
 # ---------------------------------------------------------------------------------- hyperparameters
@@ -295,7 +296,7 @@ class Run:
 
     @property
     def last_path(self) -> Path:
-        return self.save_dir / "last.pth"
+        return checkpoints.last_path(self.save_dir)
 
     def log(self, *args, **kwargs) -> None:
         """Progress lines, from rank 0 only."""
@@ -333,12 +334,12 @@ class TrainingState:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        return {"model": checkpoints.model_state(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
-                "best_acc": self.best_acc, "config": run.config, "classes": run.classes,
-                "world": run.world, "rng": rngs, "partial": partial.as_list(),
-                "folder_in_memory": run.folder_in_memory}
+        return checkpoints.training_state(
+            model=checkpoints.model_state(self.model), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+            step=step, best_acc=self.best_acc, config=run.config, classes=run.classes,
+            world=run.world, rng=rngs, partial=partial.as_list(),
+            folder_in_memory=run.folder_in_memory)
 
 
 def all_finite(model: torch.nn.Module, run: Run) -> bool:
@@ -383,10 +384,10 @@ def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> Tr
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:  # empty when the run was not in fp16 (GradScaler refuses an empty state)
         scaler.load_state_dict(ckpt["scaler"])
-    state.epoch, state.step, state.best_acc = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc", 0.0)
+    state.epoch, state.step, state.best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
     if run.master:  # the checkpoint holds the epoch's sums over all processes
         state.partial = EpochTotals(*ckpt["partial"])
-    ckpt_world = ckpt.get("world", 1)
+    ckpt_world = ckpt["world"]
     if world == ckpt_world:  # the random streams go on where they were (dropout, augmentation)
         moved = devices.restore_random_state(ckpt["rng"][rank], device, aug_gen)
         if moved:
@@ -422,13 +423,10 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
     over the whole epoch (those before a mid-epoch resume included). save(ckpt) writes last.pth."""
     c, device, steps_per_epoch = run.config, run.device, run.steps_per_epoch
     start_step = state.step
-    indices = imagedata.shard_indices(len(data), c["seed"], epoch, run.rank, run.world)
     if start_step == 0:
-        state.aug_gen.manual_seed(imagedata.augmentation_seed(c["seed"], epoch, run.rank))
         state.partial = EpochTotals()
-    batches = data.batches(indices[start_step * c["batch_size"]:], c["batch_size"],
-                           imagedata.augment_enabled(c), state.aug_gen,
-                           steps=steps_per_epoch - start_step)
+    batches = imagedata.epoch_batches(data, c, epoch, start_step, steps_per_epoch, state.aug_gen,
+                                      run.rank, run.world)
     # Running sums stay on the device: no host sync until a log step.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -517,25 +515,20 @@ def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: in
 
 def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
     """(the run's settings, last.pth or None): decided before anything in SAVE_DIR is written."""
-    last_path = Path(config["save_dir"]) / "last.pth"
+    last_path = checkpoints.last_path(config["save_dir"])
     args.data_from = imagedata.choose_data_dir(
         config["data_dir"] if "data_dir" in args.explicit else None, None, config["data_dir"])[1]
     if args.resume:
         ckpt = checkpoints.load(last_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{last_path} has no training state to resume from")
-        # a run begun before validation splits used all images
-        ckpt["config"].setdefault("val_fraction", 0.0)
-        ckpt["config"].setdefault("label_smoothing", 0.0)  # checkpoints from before the setting
-        ckpt["config"].setdefault("tta", False)  # likewise
-        for key in ("pretrained", "freeze_epochs", "backbone_lr_mult"):  # likewise
-            ckpt["config"].setdefault(key, DEFAULTS[key.upper()] if key != "pretrained" else None)
         typed = config["data_dir"] if "data_dir" in args.explicit else None
         data_dir, args.data_from = imagedata.choose_data_dir(
             typed, ckpt["config"].get("data_dir"), config["data_dir"])
         config = merge_resumed_config(ckpt["config"], config | {"data_dir": data_dir},
                                       args.explicit, log)
         cli.check_config(config)
+        imagedata.check_settings(config)
         # a typed --epochs below where the run stands would silently do nothing
         done, step = ckpt["epoch"], ckpt["step"]
         if "epochs" in args.explicit and config["epochs"] < done + (1 if step else 0):
@@ -571,7 +564,7 @@ def load_data(c: dict, device: torch.device, world: int, ckpt: dict | None):
     classes the checkpoint was trained on, an image for every process."""
     # a folder resumes on the path it began on (last.pth says which): the two paths draw their
     # augmentation differently
-    stored = ckpt.get("folder_in_memory") if ckpt is not None else None
+    stored = ckpt["folder_in_memory"] if ckpt is not None else None
     train_data, val_data = imagedata.load_train_val(c, device, in_memory=stored)
     test_data = imagedata.load_split(c, False, device, classes=train_data.classes)
     classes = train_data.classes
@@ -629,11 +622,10 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
         # written here is dropped again (see truncate_metrics).
         old_run.before_save()
-        weights = {k: ckpt[k] for k in ("model", "config", "classes", "epoch", "best_acc")} | {
-            "test_acc": test_acc, "val_acc": val_acc if has_val else None}
-        checkpoints.save(weights, run.save_dir / f"epoch_{epoch + 1:03d}.pth")
+        weights = checkpoints.weights(ckpt, test_acc, val_acc if has_val else None)
+        checkpoints.save(weights, checkpoints.epoch_path(run.save_dir, epoch + 1))
         if is_best:
-            checkpoints.save(weights, run.save_dir / "best.pth")
+            checkpoints.save(weights, checkpoints.best_path(run.save_dir))
         row = [epoch + 1, f"{train_loss:.6f}", f"{train_acc:.6f}", f"{test_loss:.6f}",
                f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}", f"{totals.images / seconds:.1f}",
                f"{val_loss:.6f}" if has_val else "", f"{val_acc:.6f}" if has_val else ""]
@@ -690,7 +682,8 @@ def main() -> tuple[TrainingState, dict]:
     """One training run, as `python train.py` (or torchrun) starts it; returns the final state and
     the last epoch's results."""
     config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0],
-                                    extra=extra_options)
+                                    extra=extra_options, checks=(imagedata.check_settings,),
+                                    recipes=True)
     rank, world, local_rank = devices.setup_distributed()
     log = console if rank == 0 else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
@@ -767,7 +760,7 @@ def main() -> tuple[TrainingState, dict]:
 
     chosen = (f"best.pth has the best validation accuracy, {state.best_acc:.2%}"
               if val_data is not None else "best.pth is the last epoch")
-    if run.master and not (save_dir / "best.pth").exists():  # deleted, and no epoch file to restore
+    if run.master and not checkpoints.best_path(save_dir).exists():  # deleted, and no epoch file to restore
         chosen = "there is no best.pth (deleted, and no kept epoch file was the best epoch)"
     run.log(f"done: {chosen}; checkpoints in {save_dir}/ (python test.py for its test accuracy and "
             "predictions)")

@@ -125,7 +125,7 @@ def test_label_smoothing_is_in_the_training_loss_only(tmp_path, monkeypatch):
     assert {s for grad, s in calls if grad} == {0.2} and {s for grad, s in calls if not grad} == {0.0}
     ckpt = load(save / "last.pth")
     assert ckpt["config"]["label_smoothing"] == 0.2
-    del ckpt["config"]["label_smoothing"]
+    del ckpt["config"]["label_smoothing"], ckpt["format"]  # a file from before the setting
     checkpoints.save(ckpt, save / "last.pth")
     calls.clear()
     run_train_in_process(monkeypatch, "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", save)
@@ -180,8 +180,9 @@ def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, mon
     spec.loader.exec_module(script)
     seen, predict = [], imagedata.predict
     monkeypatch.setattr(imagedata, "predict", lambda m, x, tta=False: seen.append(tta) or predict(m, x, tta))
-    old = {k: v for k, v in ckpt["config"].items() if k != "tta"}
-    checkpoints.save(dict(ckpt, config=old), save / "old.pth")
+    old = {k: v for k, v in ckpt["config"].items() if k != "tta"}  # a file from before the setting
+    checkpoints.save({k: v for k, v in ckpt.items() if k != "format"} | {"config": old},
+                     save / "old.pth")
     capsys.readouterr()
     for name, flags, expected in (("last.pth", [], True), ("last.pth", ["--tta", "off"], False),
                                   ("old.pth", [], False), ("old.pth", ["--tta", "on"], True)):

@@ -122,7 +122,7 @@ def test_resume_keeps_the_split_and_an_old_checkpoint_resumes_without_one(tmp_pa
     assert load(save / "best.pth")["epoch"] == 1  # 0.4 < 0.5
     # A checkpoint written before validation splits existed trained on every image: it goes on doing so.
     ckpt = load(save / "last.pth")
-    del ckpt["config"]["val_fraction"]
+    del ckpt["config"]["val_fraction"], ckpt["format"]
     checkpoints.save(ckpt, save / "last.pth")
     run_train(["--resume", "--epochs", "3", "--data-dir", data, "--save-dir", save], monkeypatch,
               {"val": [], "test": [0.5]})

@@ -1,0 +1,19 @@
+"""CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: 85% or more in about 20 to 30 minutes
+(README, "Running on a CPU").
+
+    python train.py recipes/cifar10_cpu.py --data-dir "$DATA_DIR/cifar10-jpeg"
+
+VGG16_bn at a quarter of its width on 32 px inputs, 30 epochs with crops and flips, each
+validation and test image scored with its mirror image (TTA). DATA_DIR below is where the folder
+is looked for when no --data-dir is typed. Every try behind these values: docs/recipes.md.
+"""
+DATASET = "folder"
+DATA_DIR = "data/cifar10-jpeg"
+IMAGE_SIZE = 32
+WIDTH_DIV = 4
+EPOCHS = 30
+LR = 0.1
+WARMUP_EPOCHS = 1.0
+LABEL_SMOOTHING = 0.1
+DROPOUT = 0.0
+TTA = True

@@ -1,0 +1,58 @@
+"""The checkpoint format: every file names its version, an older file is upgraded in one place, a newer
+one is refused with one line."""
+
+import pytest
+import torch
+
+import checkpoints
+import net
+from conftest import make_mnist, run_train_in_process
+from errors import UserError
+
+
+def test_every_file_a_run_writes_names_the_format_and_a_newer_one_is_refused(tmp_path, monkeypatch,
+                                                                               capsys):
+    root = make_mnist(tmp_path / "d", n_train=64, n_test=16)
+    args = ["--data-dir", root, "--image-size", "32", "--width-div", "16", "--epochs", "1",
+            "--batch-size", "16", "--device", "cpu", "--workers", "0", "--save-dir", tmp_path / "s"]
+    run_train_in_process(monkeypatch, *args)
+    for name in ("last.pth", "best.pth", "epoch_001.pth"):
+        raw = torch.load(tmp_path / "s" / name, weights_only=True)
+        assert raw["format"] == checkpoints.FORMAT, name
+    last = checkpoints.last_path(tmp_path / "s")
+    raw = torch.load(last, weights_only=True)
+    raw["format"] = checkpoints.FORMAT + 1
+    torch.save(raw, last)
+    before = last.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_train_in_process(monkeypatch, *args[:-6], "--epochs", "2", "--resume",
+                             "--save-dir", tmp_path / "s", "--device", "cpu")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format" in err[0] and "newer" in err[0]
+    assert last.read_bytes() == before
+
+
+def test_a_checkpoint_from_before_the_format_key_gets_its_run_s_values(tmp_path):
+    """Format 1: what files from before each later setting lacked gets the value those runs had."""
+    c = {"dataset": "mnist", "depth": 16, "batch_norm": True, "dropout": 0.5, "width_div": 16,
+         "image_size": 32, "seed": 0}
+    model = net.build_model(c, 10)
+    checkpoints.save({"model": model.state_dict(), "config": dict(c), "classes": list("0123456789"),
+                      "epoch": 1, "optimizer": {}, "step": 0}, tmp_path / "old.pth")
+    ckpt = checkpoints.load(tmp_path / "old.pth")
+    assert ckpt["format"] == checkpoints.FORMAT
+    assert ckpt["config"] | c == ckpt["config"]  # nothing it had is changed
+    assert (ckpt["config"]["val_fraction"], ckpt["config"]["tta"], ckpt["config"]["pretrained"],
+            ckpt["config"]["label_smoothing"], ckpt["config"]["normalize"]) == (0.0, False, None,
+                                                                                0.0, None)
+    assert (ckpt["world"], ckpt["best_acc"], ckpt["folder_in_memory"]) == (1, 0.0, None)
+
+
+@pytest.mark.parametrize("version", ["2", 99, None])
+def test_a_format_this_code_cannot_read_is_one_line(tmp_path, version):
+    checkpoints.save({"model": {}, "config": {}, "classes": [], "format": version},
+                     tmp_path / "x.pth")
+    with pytest.raises(UserError, match="format"):
+        checkpoints.load(tmp_path / "x.pth")
