@@ -1,10 +1,12 @@
 """The command line and console output that train.py, test.py and bench.py share.
 
 Each script declares its settings as a block of UPPERCASE constants with a comment on each line,
-then freezes it: `DEFAULTS = cli.frozen(globals())`. `parse` turns that block into the command line
-(--name for NAME, the constant's type, the comment as help) and `check_config` rejects values that
-cannot work. Errors a user can cause are raised as UserError, which `run_main` turns into one line
-on stderr and exit code 2.
+then freezes it: `DEFAULTS = cli.frozen(globals())`. `parse_config` turns that block into the command
+line (--name for NAME, the setting's type, the comment as help), reads a recipe file when the script
+takes one (`python train.py recipes/mnist_cpu.py`), and `check_config` rejects values that cannot
+work; the network's and the datasets' own rules live beside their tables (net.py, imagedata.py).
+Errors a user can cause are raised as errors.UserError, which `run_main` turns into one line on
+stderr and exit code 2. This module only parses and prints: it imports no data or training code.
 """
 
 import argparse

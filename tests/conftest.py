@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,49 @@ def run_train_in_process(monkeypatch, *args):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+# ---------------------------------------------------- fixtures of the test files about training runs
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return make_mnist(tmp_path_factory.mktemp("data"), n_train=1024, n_test=128)
+
+
+@pytest.fixture(scope="session")
+def run_dir(data, tmp_path_factory):
+    """A finished 1-epoch run, copied for each test that needs one."""
+    save = tmp_path_factory.mktemp("run")
+    run_script("train.py", *TINY, "--data-dir", data, "--save-dir", save, check=True)
+    return save
+
+
+@pytest.fixture
+def saved(run_dir, tmp_path):
+    copy = tmp_path / "save"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def test_script():
+    """test.py's main() as `python test.py` runs it (a UserError becomes exit code 2)."""
+    import cli
+    module = load_script("test.py", "test_script")
+    return lambda: cli.run_main(module.main)
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """64 training images: 2 steps an epoch at TINY's batch size, for tests that only need a run to happen."""
+    return make_mnist(tmp_path_factory.mktemp("small"), n_train=64, n_test=32)
+
+
+@pytest.fixture
+def handlers():
+    """train.main installs its own SIGINT/SIGTERM handlers: put pytest's back after an in-process run."""
+    import devices
+    old = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
