@@ -64,33 +64,40 @@ def test_grad_cam_equals_an_independent_computation(batch_norm):
     assert not any(p.grad is not None for p in model.parameters())  # no parameter gradients
 
 
-def pattern_folder(root, n_train: int, n_test: int, seed: int = 0):
-    """64 px grey noise; class "red" or "blue" is a 10 px square of that colour at a random place.
-    Test files are named after the square's top-left corner."""
+def pattern_folder(root, n_train: int, n_test: int, size: int = 224, bar: int = 24, seed: int = 0):
+    """Grey noise; class "bar" holds a bright vertical bar (bar x bar/3 px) at a random place, class
+    "plain" nothing. The bar's files are named after the top-left corner of its bar x bar box."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         for i in range(n):
-            name = ("red", "blue")[i % 2]
-            img = rng.integers(60, 140, (64, 64, 1), dtype=np.uint8).repeat(3, 2)
-            r, col = rng.integers(0, 54, 2)
-            img[r:r + 10, col:col + 10] = (230, 20, 20) if name == "red" else (20, 20, 230)
+            img = rng.integers(60, 140, (size, size, 1), dtype=np.uint8).repeat(3, 2)
+            r, col = rng.integers(0, size - bar, 2)
+            name = ("bar", "plain")[i % 2]
+            if name == "bar":
+                img[r:r + bar, col + bar // 3:col + 2 * bar // 3] = 240
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(folder / f"{i:04d}_r{r}_c{col}.png")
     return root
 
 
-def test_the_heat_map_lies_on_the_pattern_that_decides_the_class(tmp_path, monkeypatch):
-    """A small VGG trained on squares at random places (the class is the square's colour): at the
-    layer cam.png uses (conv5_3, a 4 x 4 map at 64 px) the heat on the square exceeds the image's
-    mean heat for most test images (31 of 40 measured; by chance about half). The peak itself is
-    too coarse there to land on a 10 px square (3 of 40 measured), so it is not asserted."""
-    root = pattern_folder(tmp_path / "d", n_train=240, n_test=40)
+def test_the_heat_map_peaks_on_the_pattern_that_decides_the_class(tmp_path, monkeypatch):
+    """A small VGG16 trained to tell noise with a bar at a random place from noise alone: at the
+    layer cam.png uses (conv5_3, 14 x 14 at 224 px) the heat map of "bar" peaks on the bar's 24 px box
+    for most test images that hold one (16 and 14 of 20 measured with two data seeds; by chance about
+    1%), and within half a map cell (8 px) of it for nearly all (20 of 20 with both). Only the class
+    with evidence of its own is asked: in a two-class task the other can be learnt as "no bar", and
+    Grad-CAM shows positive evidence only (measured with two bar directions as the classes: 18 of 20
+    peaks on one class, 1 of 20 on the other). With the weights' sign reversed the test finds 0 of 20;
+    with all weights equal (plain activations) it passes too, since the bar's activations are
+    strong: the weights themselves are checked by the independent computation above."""
+    bar = 24
+    root = pattern_folder(tmp_path / "d", n_train=240, n_test=40, bar=bar)
     run_train_in_process(monkeypatch, "--dataset", "folder", "--data-dir", root, "--image-size",
-                         "64", "--width-div", "8", "--epochs", "6", "--batch-size", "16",
+                         "224", "--width-div", "8", "--epochs", "6", "--batch-size", "16",
                          "--device", "cpu", "--workers", "0", "--val-fraction", "0", "--lr",
-                         "0.05", "--augment", "off", "--save-dir", tmp_path / "s")
+                         "0.02", "--augment", "off", "--save-dir", tmp_path / "s")
     ckpt = checkpoints.load(tmp_path / "s" / "best.pth")
     model = net.build_model(ckpt["config"], 2)
     model.load_state_dict(ckpt["model"])
@@ -99,13 +106,18 @@ def test_the_heat_map_lies_on_the_pattern_that_decides_the_class(tmp_path, monke
     with torch.no_grad():
         preds = model.eval()(x).argmax(1)
     assert (preds == y).float().mean() >= 0.9
-    squares = [tuple(map(int, re.search(r"_r(\d+)_c(\d+)", data.name(i)).groups()))
-               for i in range(len(data))]
-    layer, name = gradcam.cam_layer(model, 64)
+    layer, name = gradcam.cam_layer(model, 224)
     assert name.startswith("conv5_3")
-    above = sum(float(h[r:r + 10, col:col + 10].mean()) > float(h.mean())
-                for (r, col), h in zip(squares, gradcam.grad_cam(model, x, layer, preds)))
-    assert above >= 0.7 * len(data), f"heat on the square above the mean: {above}/{len(data)}"
+    has_bar = (y == ckpt["classes"].index("bar")).nonzero().flatten().tolist()
+    heat = gradcam.grad_cam(model, x[has_bar], layer, y[has_bar])
+    on, near, half_cell = 0, 0, 224 // 14 // 2
+    for i, h in zip(has_bar, heat):
+        r, col = map(int, re.search(r"_r(\d+)_c(\d+)", data.name(i)).groups())
+        pr, pc = divmod(int(h.flatten().argmax()), 224)
+        on += r <= pr < r + bar and col <= pc < col + bar
+        near += (r - half_cell <= pr < r + bar + half_cell
+                 and col - half_cell <= pc < col + bar + half_cell)
+    assert on >= 0.6 * len(has_bar) and near >= 0.9 * len(has_bar), (on, near, len(has_bar))
 
 
 @pytest.fixture(scope="module")
