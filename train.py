@@ -3,6 +3,7 @@
     python train.py                                # VGG16 on MNIST at 224 px, saved in save_model/
     python train.py --epochs 3 --dataset cifar10   # any constant below can be overridden like this
     python train.py --image-size 32 --width-div 4  # a size that trains in minutes on a laptop CPU
+    python train.py recipes/mnist_cpu.py           # the settings of a recipe file (options still win)
     python train.py --resume                       # continue save_model/last.pth where it stopped
     torchrun --nproc_per_node=8 train.py           # data-parallel on 8 GPUs, BATCH_SIZE each
     python train.py --help                         # every option with its default
@@ -220,7 +221,6 @@ def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
     if c["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999), fused=fused)
     return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"], fused=fused)
-
 
 
 def effective_lr(c: dict, world: int) -> float:

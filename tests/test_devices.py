@@ -227,6 +227,49 @@ def copy_run(folder, to, edit=lambda ckpt: None):
     return to
 
 
+def no_fused_kernels(monkeypatch):
+    """The CPU made to lack fused optimizer kernels, as torch before 2.4 (and devices without them)
+    does: the kernels raise what torch raises there."""
+    def missing(*args, **kwargs):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                           "supported devices: ['cuda']")
+    monkeypatch.setattr(torch, "_fused_sgd_", missing)
+    monkeypatch.setattr(torch, "_fused_adamw_", missing)
+    monkeypatch.setattr(devices, "_FUSED", {})
+
+
+@pytest.mark.quick
+def test_the_fused_step_is_used_only_where_torch_has_it(monkeypatch):
+    monkeypatch.setattr(devices, "_FUSED", {})
+    assert devices.fused_step(torch.device("cpu")) is True  # torch 2.14 has it
+    assert devices.fused_step(torch.device("meta")) is None
+    no_fused_kernels(monkeypatch)
+    assert devices.fused_step(torch.device("cpu")) is None
+    model = net.vgg(11, 10, width_div=64)
+    config = {k.lower(): v for k, v in train.DEFAULTS.items()}
+    for optimizer in ("sgd", "adamw"):
+        opt = train.make_optimizer(model, config | {"optimizer": optimizer})
+        F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+        opt.step()  # the foreach step: no fused kernel is called
+        assert not any(g["fused"] for g in opt.param_groups)
+
+
+def test_a_run_saved_with_fused_steps_resumes_where_there_are_none(fp32_runs, tmp_path, monkeypatch):
+    """last.pth's optimizer groups say fused=True (written on a CPU that has the kernels); resumed
+    where there are none, the groups follow the machine, not the file."""
+    from conftest import load
+    data, straight, one = fp32_runs
+    save = copy_run(one, tmp_path / "save")
+    assert all(g["fused"] for g in load(save / "last.pth")["optimizer"]["param_groups"])
+    no_fused_kernels(monkeypatch)
+    run_train_in_process(monkeypatch, *RESUME_RUN, "--resume", "--data-dir", data,
+                         "--save-dir", save)
+    last = load(save / "last.pth")
+    assert last["epoch"] == 2 and not any(g["fused"] for g in last["optimizer"]["param_groups"])
+    for k, v in straight["model"].items():  # the foreach step rounds otherwise, nothing more
+        torch.testing.assert_close(last["model"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_a_checkpoint_without_device_types_resumes_exactly(fp32_runs, tmp_path):
     """last.pth as earlier versions wrote it (random states without device types) still resumes bitwise."""
     from conftest import load, run_script, weight_differences
