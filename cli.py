@@ -120,9 +120,7 @@ def read_recipe(path: str, script: str, defaults: dict, flags: dict) -> dict:
             raise UserError(f"recipe {path}, line {node.lineno}: {name} must be a plain value "
                             "(a number, string, True, False, None or a list of them)") from None
         if name not in defaults:
-            close = difflib.get_close_matches(name, list(defaults), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UserError(f"{name} in recipe {path} is no setting of {script}{hint}")
+            raise no_such_setting(name, [n.lower() for n in defaults], f"recipe {path}", script)
     if SCRIPT_SETTINGS.get(script) is None:
         return values
     return checked_values(values, f"recipe {path}", script, flags)
@@ -230,14 +228,20 @@ def check_block(defaults: dict, script: str, flags: dict) -> dict:
     names = [n.lower() for n in defaults]
     for name in defaults:
         if name.lower() not in known:
-            close = difflib.get_close_matches(name.lower(), known, n=1)
-            hint = f"; did you mean {close[0].upper()}?" if close else ""
-            raise UserError(f"{name} in {script}'s settings is no setting of {script}{hint}")
+            raise no_such_setting(name, known, f"{script}'s settings", script)
     missing = [k for k in known if k not in names]
     if missing:
         raise UserError(f"{script}'s settings block has no {missing[0].upper()} (the setting "
                         f"--{missing[0].replace('_', '-')}): put it back above DEFAULTS")
     return checked_values(defaults, script, script, flags)
+
+
+def no_such_setting(name: str, known: list[str], where: str, script: str) -> UserError:
+    """The error for a constant NAME in `where` that is none of the settings `known` (lowercase),
+    with the closest one as a hint: a misspelt name would otherwise become a flag nothing reads."""
+    close = difflib.get_close_matches(name.lower(), known, n=1)
+    hint = f"; did you mean {close[0].upper()}?" if close else ""
+    return UserError(f"{name} in {where} is no setting of {script}{hint}")
 
 
 def checked_values(values: dict, where: str, script: str, flags: dict) -> dict:
