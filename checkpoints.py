@@ -43,7 +43,8 @@ METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 # The version of the format every checkpoint names under "format".
 #   1: files written before the key existed (what each lacks depends on its age: see `upgrade`).
 #   2: "format" added; config holds every setting that changes the model or the run.
-FORMAT = 2
+#   3: config gains "ema_decay" and "nesterov"; last.pth gains "ema" (the averaged weights, or None).
+FORMAT = 3
 
 
 def last_path(save_dir) -> Path:
@@ -63,25 +64,29 @@ def epoch_path(save_dir, epoch: int) -> Path:
 
 def training_state(*, model: dict, optimizer: dict, scheduler: dict, scaler: dict, epoch: int,
                    step: int, best_acc: float, config: dict, classes: list, world: int,
-                   rng: list, partial: list, folder_in_memory: bool | None) -> dict:
+                   rng: list, partial: list, folder_in_memory: bool | None,
+                   ema: dict | None) -> dict:
     """What last.pth holds: everything `train.py --resume` needs to go on exactly.
     model/optimizer/scheduler/scaler: state dicts; epoch: epochs completed; step: steps done in the
     next one; best_acc: the best validation accuracy so far; config: the run's settings; classes:
     the class names in label order; world: the number of processes; rng: each process's random
     streams (devices.random_state); partial: the next epoch's totals so far; folder_in_memory:
-    whether a folder dataset's training images were decoded in memory (None: no folder)."""
+    whether a folder dataset's training images were decoded in memory (None: no folder); ema: the
+    state dict of the weights' moving average (None: EMA_DECAY is 0). With an average, "model"
+    holds the trained weights and the epoch files hold the average's."""
     return {"format": FORMAT, "model": model, "optimizer": optimizer, "scheduler": scheduler,
             "scaler": scaler, "epoch": epoch, "step": step, "best_acc": best_acc,
             "config": config, "classes": classes, "world": world, "rng": rng,
-            "partial": partial, "folder_in_memory": folder_in_memory}
+            "partial": partial, "folder_in_memory": folder_in_memory, "ema": ema}
 
 
-def weights(state: dict, test_acc: float, val_acc: float | None) -> dict:
-    """What epoch_NNN.pth and best.pth hold: the weights and what test.py needs to rebuild the
+def weights(state: dict, model: dict, test_acc: float, val_acc: float | None) -> dict:
+    """What epoch_NNN.pth and best.pth hold: the weights that were evaluated (`model`, a state
+    dict: the trained weights, or their moving average) and what test.py needs to rebuild the
     network, from a `training_state`, with that epoch's accuracies (val_acc None: no validation
     split)."""
-    return {"format": FORMAT, **{k: state[k] for k in
-                                 ("model", "config", "classes", "epoch", "best_acc")},
+    return {"format": FORMAT, "model": model,
+            **{k: state[k] for k in ("config", "classes", "epoch", "best_acc")},
             "test_acc": test_acc, "val_acc": val_acc}
 
 
@@ -105,7 +110,13 @@ def upgrade(ckpt: dict, path) -> dict:
         if "optimizer" in ckpt:  # a training state
             ckpt.setdefault("world", 1)
             ckpt.setdefault("folder_in_memory", None)  # decided again from the free memory
-        ckpt["format"] = FORMAT
+    if version < 3:
+        config = ckpt["config"]
+        config.setdefault("ema_decay", 0.0)      # before weight averaging: the weights themselves
+        config.setdefault("nesterov", False)
+        if "optimizer" in ckpt:
+            ckpt.setdefault("ema", None)
+    ckpt["format"] = FORMAT
     return ckpt
 
 

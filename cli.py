@@ -194,8 +194,9 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 SCRIPT_SETTINGS = {
     "train.py": ("dataset data_dir image_size augment workers skip_bad_images val_fraction tta depth "
                  "width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult epochs batch_size "
-                 "optimizer lr momentum weight_decay "
-                 "label_smoothing schedule warmup_epochs step_epochs step_gamma device amp compile "
+                 "optimizer lr momentum nesterov weight_decay "
+                 "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
+                 "compile "
                  "seed save_dir keep save_every_minutes log_every").split(),
     "test.py": ("checkpoint show show_all grid grid_seed cam mistakes out image invert top_k "
                 "batch_size device amp tta skip_bad_images data_dir").split(),
@@ -280,7 +281,7 @@ def checked_values(values: dict, where: str, script: str, flags: dict) -> dict:
 OPTIMIZERS = ("sgd", "adamw")
 
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "linear", "step", "constant")
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -302,11 +303,12 @@ INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
-                  "save_every_minutes", "label_smoothing", "val_fraction", "backbone_lr_mult")
+                  "save_every_minutes", "label_smoothing", "val_fraction", "backbone_lr_mult",
+                  "ema_decay")
 
 
 BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "quick",
-                 "tta")
+                 "tta", "nesterov")
 
 
 PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir",
@@ -378,6 +380,11 @@ def check_config(c: dict) -> None:
     need("weight_decay", lambda v: v >= 0, "--weight-decay must be >= 0, got {}")
     need("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1), got {}")
     need("label_smoothing", lambda v: 0 <= v < 1, "--label-smoothing must be in [0, 1), got {}")
+    need("ema_decay", lambda v: 0 <= v < 1, "--ema-decay must be in [0, 1) (0: off), got {}")
+    if given.get("nesterov") and given.get("optimizer", "sgd") != "sgd":
+        raise UserError(f"--nesterov is a momentum of SGD; --optimizer is {given['optimizer']}")
+    if given.get("nesterov") and given.get("momentum", 1) == 0:
+        raise UserError("--nesterov needs a momentum above 0 (--momentum is 0)")
     need("val_fraction", lambda v: 0 <= v < 1, "--val-fraction must be in [0, 1), got {}")
     need("optimizer", lambda v: v in OPTIMIZERS,
          f"unknown optimizer {{!r}}; choose one of {', '.join(OPTIMIZERS)}")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import checkpoints
@@ -71,13 +72,18 @@ BATCH_SIZE = 128          # images per step, per process
 OPTIMIZER = "sgd"         # sgd (with momentum) | adamw
 LR = 0.02                 # peak learning rate (for BATCH_SIZE 128 on one process)
 MOMENTUM = 0.9            # SGD momentum (AdamW: beta1)
+NESTEROV = False          # SGD: Nesterov momentum (the gradient taken one momentum step ahead)
 WEIGHT_DECAY = 5e-4       # L2 penalty, applied by the optimizer
 LABEL_SMOOTHING = 0.0     # the training loss aims at 1 - this for the true class (0.1 is common;
                           # 0 = off); validation and test losses are plain cross-entropy
-SCHEDULE = "cosine"       # cosine | step | constant; the learning rate is updated after every step
+SCHEDULE = "cosine"       # cosine | linear | step | constant: the rate after the warm-up (cosine and
+                          # linear fall to 0 at the last step); updated after every step
 WARMUP_EPOCHS = 0.0       # linear warm-up from 0 over this many epochs (fractions allowed)
 STEP_EPOCHS = 30          # step schedule: multiply the rate by STEP_GAMMA every STEP_EPOCHS epochs
 STEP_GAMMA = 0.1          # step schedule: the factor
+EMA_DECAY = 0.0           # validate, test and save a moving average of the weights (and BatchNorm
+                          # statistics) instead of the weights: average = decay x average +
+                          # (1 - decay) x weights after each step (0.999 is common; 0 = off)
 # system
 DEVICE = "auto"           # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
 AMP = "auto"              # auto | bf16 | fp16 | off: mixed precision (auto: bf16 where supported,
@@ -220,7 +226,30 @@ def make_optimizer(model, c: dict, world: int = 1) -> torch.optim.Optimizer:
     fused = devices.fused_step(next(model.parameters()).device)
     if c["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(c["momentum"], 0.999), fused=fused)
-    return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"], fused=fused)
+    return torch.optim.SGD(groups, lr=lr, momentum=c["momentum"], nesterov=c["nesterov"],
+                           fused=fused)
+
+
+def make_average(model, c: dict) -> AveragedModel | None:
+    """The exponential moving average of the weights (EMA_DECAY), or None when it is 0. BatchNorm's
+    running statistics are averaged with them (use_buffers), so the average evaluates as one
+    network. In the first steps the decay is lower, min(EMA_DECAY, (1 + n) / (10 + n)) after n
+    updates, so the random initial weights are forgotten quickly (the usual warm-up of an EMA)."""
+    decay = c["ema_decay"]
+    if not decay:
+        return None
+
+    def update(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
+        n = int(n_averaged)
+        weight = 1 - min(decay, (1 + n) / (10 + n))
+        for a, w in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(w, weight)
+            else:
+                a.copy_(w)  # BatchNorm's count of batches
+
+    average = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    return average.requires_grad_(False)
 
 
 def effective_lr(c: dict, world: int) -> float:
@@ -231,17 +260,19 @@ def effective_lr(c: dict, world: int) -> float:
 
 
 def make_scheduler(optimizer, c: dict, steps_per_epoch: int):
-    """A factor on the learning rate per optimizer step: linear warm-up, then cosine, step or
-    constant. The loop steps it after the optimizer, so step k trains at LR * factor(k)."""
+    """A factor on the learning rate per optimizer step: linear warm-up, then cosine, linear, step
+    or constant. The loop steps it after the optimizer, so step k trains at LR * factor(k)."""
     total = c["epochs"] * steps_per_epoch
     warmup = round(c["warmup_epochs"] * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if c["schedule"] == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1 + math.cos(math.pi * progress))
+        if c["schedule"] == "linear":
+            return 1.0 - progress
         if c["schedule"] == "step":
             return c["step_gamma"] ** (step // (c["step_epochs"] * steps_per_epoch))
         return 1.0
@@ -313,11 +344,17 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     aug_gen: torch.Generator  # the augmentation's random stream
+    average: AveragedModel | None  # the weights' moving average (EMA_DECAY), or None
     epoch: int = 0            # epochs completed
     step: int = 0             # steps done in the next epoch
     best_acc: float = 0.0     # the best validation accuracy so far
     # The totals of the steps done in the next epoch (rank 0: over all processes, as in last.pth)
     partial: EpochTotals = field(default_factory=EpochTotals)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network validation, test and the epoch files use: the average when there is one."""
+        return self.average.module if self.average is not None else self.model
 
     def checkpoint(self, run: Run, epoch: int, step: int, partial: EpochTotals) -> dict:
         """The full training state as last.pth holds it. epoch/step: epochs completed, and steps
@@ -339,7 +376,8 @@ class TrainingState:
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
             step=step, best_acc=self.best_acc, config=run.config, classes=run.classes,
             world=run.world, rng=rngs, partial=partial.as_list(),
-            folder_in_memory=run.folder_in_memory)
+            folder_in_memory=run.folder_in_memory,
+            ema=self.average.state_dict() if self.average is not None else None)
 
 
 def all_finite(model: torch.nn.Module, run: Run) -> bool:
@@ -374,10 +412,12 @@ def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> Tr
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)
     torch.manual_seed(c["seed"] + rank)  # dropout differs between processes
     aug_gen = torch.Generator(device=device if device.type != "mps" else "cpu")
-    state = TrainingState(model, optimizer, scheduler, scaler, aug_gen)
+    state = TrainingState(model, optimizer, scheduler, scaler, aug_gen, make_average(model, c))
     if ckpt is None:
         return state
     checkpoints.load_model_state(model, ckpt["model"], run.last_path)
+    if state.average is not None:
+        state.average.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the saved groups name the device they were made for
         group["fused"] = devices.fused_step(device)
@@ -450,6 +490,8 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
         scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()  # after the optimizer step: the rate of the step to come
+        if state.average is not None:
+            state.average.update_parameters(model)
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
@@ -596,16 +638,17 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
     metrics.csv, curves.png and last.pth, and the epoch's line. Returns the epoch's results."""
     c, device, amp = run.config, run.device, run.amp
     if run.distributed:  # each process's BatchNorm statistics saw only its own batches: take rank
-        for buf in state.model.buffers():  # 0's, as DDP does before each forward, so all evaluate
-            dist.broadcast(buf, 0)         # (and save) one model
+        # 0's, as DDP does before each forward, so all evaluate (and save) one model
+        for module in {state.model, state.evaluated}:
+            for buf in module.buffers():
+                dist.broadcast(buf, 0)
     has_val = val_data is not None
-    batch, tta = 2 * c["batch_size"], c["tta"]
-    val_loss, val_acc = (evaluate(state.model, val_data, batch, device, amp, run.rank, run.world,
-                                  tta) if has_val else (math.nan, math.nan))
+    batch, tta, model = 2 * c["batch_size"], c["tta"], state.evaluated
+    val_loss, val_acc = (evaluate(model, val_data, batch, device, amp, run.rank, run.world, tta)
+                         if has_val else (math.nan, math.nan))
     # The test split is only reported: choosing the epoch on it would make its accuracy a biased
     # maximum.
-    test_loss, test_acc = evaluate(state.model, test_data, batch, device, amp, run.rank, run.world,
-                                   tta)
+    test_loss, test_acc = evaluate(model, test_data, batch, device, amp, run.rank, run.world, tta)
     # the same values on every process (summed across them), so all stop together
     if not all(map(math.isfinite, (test_loss, *((val_loss,) if has_val else ())))):
         raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
@@ -622,7 +665,9 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
         # written here is dropped again (see truncate_metrics).
         old_run.before_save()
-        weights = checkpoints.weights(ckpt, test_acc, val_acc if has_val else None)
+        evaluated = (ckpt["model"] if state.average is None
+                     else checkpoints.model_state(state.average.module))
+        weights = checkpoints.weights(ckpt, evaluated, test_acc, val_acc if has_val else None)
         checkpoints.save(weights, checkpoints.epoch_path(run.save_dir, epoch + 1))
         if is_best:
             checkpoints.save(weights, checkpoints.best_path(run.save_dir))

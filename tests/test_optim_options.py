@@ -1,0 +1,118 @@
+"""The options of the short CPU recipes: a moving average of the weights (EMA_DECAY), Nesterov momentum
+(NESTEROV) and the linear schedule (SCHEDULE = "linear"). Runs use the 1,024-image MNIST and a
+1/16-width VGG16 at 32 px, so each takes seconds."""
+
+import pytest
+import torch
+
+import checkpoints
+import net
+from conftest import TINY, load, make_mnist, run_script, weight_differences
+
+RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
+       "--ema-decay", "0.9"]
+
+
+def tiny_config(**more) -> dict:
+    return {"depth": 16, "batch_norm": True, "dropout": 0.0, "width_div": 16, "image_size": 32,
+            "ema_decay": 0.9, "epochs": 2, "warmup_epochs": 0.0, "schedule": "cosine", **more}
+
+
+def test_the_average_follows_its_rule_with_the_warm_up(monkeypatch):
+    """After n updates the average moves towards the weights by 1 - min(decay, (1 + n) / (10 + n));
+    the first update copies them. Computed here in float64 from the rule, for a weight and for
+    BatchNorm's running mean (averaged too), while BatchNorm's batch count is copied."""
+    import train
+    model = net.build_model(tiny_config(), 10)
+    average = train.make_average(model, tiny_config())
+    weight, mean = model.features[0].weight, model.features[1].running_mean
+    expected_w = expected_m = None
+    for n in range(120):  # the decay reaches its cap 0.9 at n = 80
+        with torch.no_grad():
+            weight.fill_(float(n % 7))
+            mean.fill_(float(n % 5) - 2)
+        model.features[1].num_batches_tracked.fill_(n)
+        average.update_parameters(model)
+        if expected_w is None:
+            expected_w, expected_m = float(n % 7), float(n % 5) - 2
+        else:
+            step = 1 - min(0.9, n / (9 + n))  # n - 1 updates before this one
+            expected_w += (float(n % 7) - expected_w) * step
+            expected_m += (float(n % 5) - 2 - expected_m) * step
+    averaged = average.module
+    assert torch.allclose(averaged.features[0].weight, torch.full_like(weight, expected_w), atol=1e-5)
+    assert torch.allclose(averaged.features[1].running_mean, torch.full_like(mean, expected_m), atol=1e-5)
+    assert int(averaged.features[1].num_batches_tracked) == 119
+    assert not any(p.requires_grad for p in average.parameters())
+    assert train.make_average(model, tiny_config(ema_decay=0.0)) is None
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("straight_ema")
+    run_script("train.py", *RUN, "--data-dir", data, "--save-dir", save, check=True)
+    return save
+
+
+def test_the_epoch_files_hold_the_average_and_a_resumed_run_averages_exactly(data, straight, tmp_path):
+    last = load(straight / "last.pth")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert int(last["ema"]["n_averaged"]) == last["scheduler"]["last_epoch"]  # one update per step
+    for name in ("epoch_002.pth", "best.pth"):
+        saved = load(straight / name)["model"]
+        assert not weight_differences(saved, ema), name
+    # the average is not the trained weights (which last.pth keeps to go on training)
+    assert weight_differences(last["model"], ema)
+
+    run_script("train.py", *RUN, "--epochs", "1", "--data-dir", data, "--save-dir", tmp_path, check=True)
+    run_script("train.py", "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", tmp_path, check=True)
+    resumed = load(tmp_path / "last.pth")
+    assert not weight_differences(resumed["ema"], last["ema"])  # bitwise
+    assert not weight_differences(resumed["model"], last["model"])
+
+
+def test_nesterov_reaches_the_optimizer_and_is_refused_where_it_means_nothing(small, tmp_path):
+    run_script("train.py", *TINY, "--nesterov", "--data-dir", small, "--save-dir", tmp_path, check=True)
+    groups = load(tmp_path / "last.pth")["optimizer"]["param_groups"]
+    assert groups and all(g["nesterov"] for g in groups)
+    assert load(tmp_path / "last.pth")["config"]["nesterov"] is True
+    for extra, words in ((["--optimizer", "adamw"], "adamw"), (["--momentum", "0"], "momentum")):
+        proc = run_script("train.py", *TINY, "--nesterov", *extra, "--data-dir", small,
+                          "--save-dir", tmp_path / "no")
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--nesterov" in lines[0] and words in lines[0], proc.stderr
+        assert not (tmp_path / "no").exists()
+
+
+def test_the_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
+    import train
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    c = {"epochs": 2, "warmup_epochs": 0.5, "schedule": "linear"}
+    scheduler = train.make_scheduler(optimizer, c, steps_per_epoch=10)  # 20 steps, 5 of warm-up
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [(k + 1) / 5 for k in range(5)] + [1 - (k - 5) / 15 for k in range(5, 20)]
+    assert rates == pytest.approx(expected)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # after the last step
+
+
+def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
+    """A format-2 last.pth (no ema_decay, nesterov or ema) resumes as the run it was: plain momentum
+    and no average."""
+    run_script("train.py", *TINY, "--data-dir", data, "--save-dir", tmp_path, check=True)
+    ckpt = load(tmp_path / "last.pth")
+    del ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["ema"]
+    ckpt["format"] = 2
+    checkpoints.save(ckpt, tmp_path / "last.pth")
+    run_script("train.py", "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", tmp_path,
+               check=True)
+    resumed = load(tmp_path / "last.pth")
+    assert resumed["format"] == checkpoints.FORMAT and resumed["ema"] is None
+    assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"]) == (0.0, False)
+    assert not any(g["nesterov"] for g in resumed["optimizer"]["param_groups"])
+    assert resumed["epoch"] == 2
