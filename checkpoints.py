@@ -80,14 +80,22 @@ def training_state(*, model: dict, optimizer: dict, scheduler: dict, scaler: dic
             "partial": partial, "folder_in_memory": folder_in_memory, "ema": ema}
 
 
-def weights(state: dict, model: dict, test_acc: float, val_acc: float | None) -> dict:
-    """What epoch_NNN.pth and best.pth hold: the weights that were evaluated (`model`, a state
-    dict: the trained weights, or their moving average) and what test.py needs to rebuild the
-    network, from a `training_state`, with that epoch's accuracies (val_acc None: no validation
-    split)."""
-    return {"format": FORMAT, "model": model,
+def weights(state: dict, test_acc: float, val_acc: float | None) -> dict:
+    """What epoch_NNN.pth and best.pth hold: the weights that were evaluated (`evaluated_weights`:
+    the trained ones, or their moving average) and what test.py needs to rebuild the network, from
+    a `training_state`, with that epoch's accuracies (val_acc None: no validation split)."""
+    return {"format": FORMAT, "model": evaluated_weights(state),
             **{k: state[k] for k in ("config", "classes", "epoch", "best_acc")},
             "test_acc": test_acc, "val_acc": val_acc}
+
+
+def evaluated_weights(ckpt: dict) -> dict:
+    """The state dict of the network a checkpoint's accuracies are of: in last.pth the weights'
+    moving average when the run kept one (EMA_DECAY), else "model" (all an epoch file holds)."""
+    if ckpt.get("ema"):
+        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()
+                if k.startswith("module.")}
+    return ckpt["model"]
 
 
 def upgrade(ckpt: dict, path) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 from errors import UserError
 from imagedata import normalization
 
@@ -101,7 +102,7 @@ def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | N
         if held != wanted:
             raise UserError(f"--pretrained {path} holds a {held}, but this run builds a {wanted}: "
                             "set --depth, --batch-norm/--no-batch-norm and --width-div to match")
-        return (obj["model"], list(obj["classes"]),
+        return (checkpoints.evaluated_weights(obj), list(obj["classes"]),
                 f"{Path(path).name} ({src.get('dataset')}, epoch {obj.get('epoch')})",
                 [list(s) for s in normalization(src)])
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor)

@@ -82,8 +82,9 @@ def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
     ckpt = checkpoints.load(path, map_location="cpu")
     model = build_model(ckpt["config"], len(ckpt["classes"]))
-    checkpoints.load_model_state(model, ckpt["model"], path)
-    bad = [k for k, t in ckpt["model"].items()
+    weights = checkpoints.evaluated_weights(ckpt)
+    checkpoints.load_model_state(model, weights, path)
+    bad = [k for k, t in weights.items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         cli.console(f"warning: {path} holds values that are not finite in {len(bad)} tensor(s) "

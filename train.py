@@ -665,9 +665,7 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
         # written here is dropped again (see truncate_metrics).
         old_run.before_save()
-        evaluated = (ckpt["model"] if state.average is None
-                     else checkpoints.model_state(state.average.module))
-        weights = checkpoints.weights(ckpt, evaluated, test_acc, val_acc if has_val else None)
+        weights = checkpoints.weights(ckpt, test_acc, val_acc if has_val else None)
         checkpoints.save(weights, checkpoints.epoch_path(run.save_dir, epoch + 1))
         if is_best:
             checkpoints.save(weights, checkpoints.best_path(run.save_dir))

@@ -71,6 +71,19 @@ def test_the_epoch_files_hold_the_average_and_a_resumed_run_averages_exactly(dat
     assert not weight_differences(resumed["model"], last["model"])
 
 
+def test_test_py_on_last_pth_scores_the_average_like_the_epoch_it_ends(data, straight, tmp_path):
+    """last.pth keeps the trained weights to go on training; test.py (and --pretrained) take the
+    average from it, the network whose accuracy the run recorded."""
+    proc = run_script("test.py", "--checkpoint", straight / "last.pth", "--data-dir", data, "--out", tmp_path,
+                      "--device", "cpu", check=True)
+    recorded = load(straight / "epoch_002.pth")["test_acc"]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("test accuracy:"))
+    correct, total = map(int, line.split()[2].split("/"))
+    assert correct / total == pytest.approx(recorded)
+    assert not weight_differences(checkpoints.evaluated_weights(load(straight / "last.pth")),
+                                  load(straight / "epoch_002.pth")["model"])
+
+
 def test_nesterov_reaches_the_optimizer_and_is_refused_where_it_means_nothing(small, tmp_path):
     run_script("train.py", *TINY, "--nesterov", "--data-dir", small, "--save-dir", tmp_path, check=True)
     groups = load(tmp_path / "last.pth")["optimizer"]["param_groups"]
