@@ -639,7 +639,8 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
     c, device, amp = run.config, run.device, run.amp
     if run.distributed:  # each process's BatchNorm statistics saw only its own batches: take rank
         # 0's, as DDP does before each forward, so all evaluate (and save) one model
-        for module in {state.model, state.evaluated}:
+        # (a list: every process must broadcast the same tensors in the same order)
+        for module in dict.fromkeys([state.model, state.evaluated]):
             for buf in module.buffers():
                 dist.broadcast(buf, 0)
     has_val = val_data is not None

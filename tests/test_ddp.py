@@ -84,6 +84,8 @@ imagedata.shard_indices, imagedata.split_batches = shard_indices, split_batches
 sys.argv = ["train.py", *sys.argv[1:]]
 state, results = train.run()
 torch.save({{k: v.clone() for k, v in state.model.state_dict().items()}}, f"{{out}}/weights{{rank}}.pt")
+if state.average is not None:
+    torch.save(state.average.module.state_dict(), f"{{out}}/average{{rank}}.pt")
 with open(f"{{out}}/record{{rank}}.json", "w") as f:
     json.dump({{"shards": shards, "batches": batches, "result": results["test"],
                "collectives": sorted(collectives)}}, f)
@@ -393,3 +395,15 @@ def test_a_fine_tune_under_torchrun_unfreezes_on_every_process(tmp_path):
     assert not weight_differences(w0, w1)
     source = load(tmp_path / "source" / "best.pth")["model"]
     assert not torch.equal(w0["features.0.weight"], source["features.0.weight"])  # unfrozen, trained
+
+
+def test_a_weight_average_under_torchrun_is_one_network_on_every_process(tmp_path):
+    """EMA_DECAY under torchrun: each process averages its own weights and BatchNorm statistics; at the
+    epoch's end rank 0's averaged statistics are broadcast with the model's, so every process
+    evaluates, and rank 0 saves, the same averaged network."""
+    data = make_mnist(tmp_path / "data", n_train=N_TRAIN, n_test=N_TEST)
+    ok(torchrun(tmp_path, *TINY, "--ema-decay", "0.9", "--data-dir", data, "--save-dir", tmp_path / "save"))
+    a0, a1 = (torch.load(tmp_path / f"average{r}.pt", weights_only=True) for r in range(2))
+    assert not weight_differences(a0, a1)  # parameters and BatchNorm statistics
+    assert not weight_differences(a0, load(tmp_path / "save" / "epoch_001.pth")["model"])
+    assert weight_differences(a0, load(tmp_path / "weights0.pt"))  # the average, not the weights
