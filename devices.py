@@ -241,8 +241,8 @@ def _restore_random_state(state: dict, device: torch.device,
 
 def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple[int, int]:
     """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the
-    meta device (shapes only, nothing computed): weights, gradients and optimizer state in fp32 plus
-    the autocast copies of the weights; per image, every tensor the forward pass creates (autograd
+    meta device (shapes only, nothing computed): weights, gradients, optimizer state and the weights'
+    moving average (EMA_DECAY) in fp32 plus the autocast copies of the weights; per image, every tensor the forward pass creates (autograd
     keeps nearly all of them for the backward pass in a VGG), in the autocast dtype, and the
     input."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -254,6 +254,8 @@ def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple
     params = sum(p.numel() for p in model.parameters())
     optimizer_copies = 2 if c.get("optimizer") == "adamw" else 1
     fixed = params * 4 * (2 + optimizer_copies) + (params * 2 if amp is not None else 0)
+    if c.get("ema_decay"):  # the moving average of the weights (EMA_DECAY), in fp32
+        fixed += params * 4
 
     class CountActivations(TorchDispatchMode):
         created = x.numel() * x.element_size()

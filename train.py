@@ -240,7 +240,9 @@ def make_average(model, c: dict) -> AveragedModel | None:
         return None
 
     def update(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
-        n = int(n_averaged)
+        # the count as the host keeps it: reading the device's copy (n_averaged) would make the
+        # host wait for the device every step
+        n = int(average.n_averaged)
         weight = 1 - min(decay, (1 + n) / (10 + n))
         for a, w in zip(averaged, current):
             if a.is_floating_point():
@@ -249,6 +251,7 @@ def make_average(model, c: dict) -> AveragedModel | None:
                 a.copy_(w)  # BatchNorm's count of batches
 
     average = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    average.n_averaged = average.n_averaged.cpu()  # where the count is kept (see update)
     return average.requires_grad_(False)
 
 
@@ -417,7 +420,10 @@ def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> Tr
         return state
     checkpoints.load_model_state(model, ckpt["model"], run.last_path)
     if state.average is not None:
-        state.average.load_state_dict(ckpt["ema"])
+        if not ckpt["ema"]:
+            raise UserError(f"{run.last_path} was trained with --ema-decay {c['ema_decay']} but "
+                            "holds no average of the weights (ema) to continue it")
+        checkpoints.load_model_state(state.average, ckpt["ema"], run.last_path)
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the saved groups name the device they were made for
         group["fused"] = devices.fused_step(device)

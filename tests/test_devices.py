@@ -372,6 +372,10 @@ def test_the_batch_that_fits_comes_from_the_estimate():
     assert 0 < fits < 128 and fixed32 + fits * per_image32 <= 0.9 * gib16 < fixed32 + (fits + 1) * per_image32
     assert devices.batch_that_fits(128, 2**50, fixed32, per_image32) == 64  # the estimate is wrong: halve
     assert devices.batch_that_fits(128, 2**30, fixed32, per_image32) == 0
+    # a moving average of the weights (EMA_DECAY) is one more fp32 copy of the network
+    fixed_ema, per_image_ema = devices.memory_estimate(c | {"ema_decay": 0.999}, 10, None)
+    params = sum(p.numel() for p in net.build_model(c, 10).parameters())
+    assert (fixed_ema - fixed32, per_image_ema) == (4 * params, per_image32)
     assert devices.is_out_of_memory(RuntimeError("MPS backend out of memory")) and \
         not devices.is_out_of_memory(RuntimeError("shape mismatch"))
 

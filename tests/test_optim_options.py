@@ -129,3 +129,44 @@ def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
     assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"]) == (0.0, False)
     assert not any(g["nesterov"] for g in resumed["optimizer"]["param_groups"])
     assert resumed["epoch"] == 2
+
+
+def test_the_average_reads_its_count_on_the_host_not_on_the_device():
+    """The update's warm-up needs the number of updates so far. Read from the device it would be one
+    wait for the device every step (on a GPU the host could no longer queue work ahead); the count
+    lives on the host. Proven with the model on the meta device, where any read of a value
+    (.item(), int(), bool()) of a device tensor raises."""
+    import train
+    with torch.device("meta"):
+        model = net.build_model(tiny_config(), 10)
+    average = train.make_average(model, tiny_config())
+    for _ in range(3):
+        average.update_parameters(model)
+    assert average.n_averaged.device.type == "cpu" and int(average.n_averaged) == 3
+    assert average.module.features[0].weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("damage", ["no average", "another width"])
+def test_a_last_pth_whose_average_does_not_fit_is_refused_in_one_line(data, straight, tmp_path, damage):
+    """A hand-edited or mixed-up last.pth: the run averages the weights (ema_decay 0.9) but the file
+    holds no average, or one of another network. One line, exit 2, and the file is left as it was."""
+    ckpt = load(straight / "last.pth")
+    if damage == "no average":
+        ckpt["ema"] = None
+    else:
+        other = train_average_state(width_div=8)
+        ckpt["ema"] = other
+    checkpoints.save(ckpt, tmp_path / "last.pth")
+    before = (tmp_path / "last.pth").read_bytes()
+    proc = run_script("train.py", "--resume", "--epochs", "3", "--data-dir", data, "--save-dir", tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "last.pth" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert ("average" in lines[0]) if damage == "no average" else ("different architecture" in lines[0])
+    assert (tmp_path / "last.pth").read_bytes() == before
+
+
+def train_average_state(**more) -> dict:
+    import train
+    model = net.build_model(tiny_config(**more), 10)
+    return train.make_average(model, tiny_config(**more)).state_dict()
