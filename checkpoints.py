@@ -44,7 +44,8 @@ METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 #   1: files written before the key existed (what each lacks depends on its age: see `upgrade`).
 #   2: "format" added; config holds every setting that changes the model or the run.
 #   3: config gains "ema_decay" and "nesterov"; last.pth gains "ema" (the averaged weights, or None).
-FORMAT = 3
+#   4: config gains "cutout".
+FORMAT = 4
 
 
 def last_path(save_dir) -> Path:
@@ -124,6 +125,8 @@ def upgrade(ckpt: dict, path) -> dict:
         config.setdefault("nesterov", False)
         if "optimizer" in ckpt:
             ckpt.setdefault("ema", None)
+    if version < 4:
+        ckpt["config"].setdefault("cutout", 0.0)  # before cutout: none
     ckpt["format"] = FORMAT
     return ckpt
 

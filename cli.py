@@ -192,7 +192,7 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # later". A constant of a script's block not listed here is a typo; one listed but missing was
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
-    "train.py": ("dataset data_dir image_size augment workers skip_bad_images val_fraction tta depth "
+    "train.py": ("dataset data_dir image_size augment cutout workers skip_bad_images val_fraction tta depth "
                  "width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult epochs batch_size "
                  "optimizer lr momentum nesterov weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
@@ -304,7 +304,7 @@ INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
                   "save_every_minutes", "label_smoothing", "val_fraction", "backbone_lr_mult",
-                  "ema_decay")
+                  "ema_decay", "cutout")
 
 
 BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "quick",
@@ -381,6 +381,7 @@ def check_config(c: dict) -> None:
     need("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1), got {}")
     need("label_smoothing", lambda v: 0 <= v < 1, "--label-smoothing must be in [0, 1), got {}")
     need("ema_decay", lambda v: 0 <= v < 1, "--ema-decay must be in [0, 1) (0: off), got {}")
+    need("cutout", lambda v: 0 <= v < 1, "--cutout must be in [0, 1) (0: off), got {}")
     if given.get("nesterov") and given.get("optimizer", "sgd") != "sgd":
         raise UserError(f"--nesterov is a momentum of SGD; --optimizer is {given['optimizer']}")
     if given.get("nesterov") and given.get("momentum", 1) == 0:

@@ -6,6 +6,7 @@ DataLoader workers (FolderImages). Both hand out the images at given indices, in
 shards across processes and resumes work the same on either.
 """
 
+import functools
 import math
 import os
 import signal
@@ -70,6 +71,9 @@ def check_settings(c: dict) -> None:
         suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
         raise UserError(f"--tta averages each image with its mirror image, which does not suit "
                         f"{dataset}; it is for {suited}")
+    if c.get("cutout") and "augment" in c and dataset is not None and not augment_enabled(c):
+        raise UserError(f"--cutout is part of the training images' augmentation, which is off "
+                        f"for {dataset} (--augment {c['augment']}): add --augment on")
 
 
 # Seeds of the random streams, mixed from the run's seed so that no two streams coincide: the
@@ -127,7 +131,8 @@ class DeviceImages:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
-                 image_size: int, device: torch.device, pad: int = 4, flip: bool = True):
+                 image_size: int, device: torch.device, pad: int = 4, flip: bool = True,
+                 cutout: float = 0.0):
         self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
         self.labels = labels.to(device)      # (N,) int64
         self.classes = classes
@@ -137,6 +142,7 @@ class DeviceImages:
         self.pad = pad                       # random-crop padding, in pixels of the stored image
         # horizontal flips (not for digits: a mirrored 2 is no 2)
         self.flip = flip
+        self.cutout = cutout                 # side of the erased square, a share of the image's side
         # one value per channel, or one for all; 3 for grey images: they become RGB first
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -171,6 +177,8 @@ class DeviceImages:
         if x.shape[1] < self.mean.shape[1]:  # grey digits for weights trained on RGB (ImageNet)
             x = x.expand(-1, self.mean.shape[1], -1, -1)
         x = (x - self.mean) / self.std
+        if augment and self.cutout:  # at the stored resolution, like the crop
+            x = cutout(x, self.cutout, generator)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)
@@ -200,7 +208,7 @@ class FolderImages:
     """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
 
     def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
-                 device: torch.device, workers: int):
+                 device: torch.device, workers: int, cutout: float = 0.0):
         from torchvision import transforms
         self.device = device
         self.workers = workers
@@ -214,7 +222,8 @@ class FolderImages:
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(_rgb), resize,
              transforms.RandomCrop(image_size, padding=image_size // 8),
-             transforms.RandomHorizontalFlip(), *normalize]))
+             transforms.RandomHorizontalFlip(), *normalize,
+             *([transforms.Lambda(functools.partial(cutout_one, side=cutout))] if cutout else [])]))
         self.classes = classes
         self.labels = torch.tensor(self.eval_set.targets)
         self._loaders = {}
@@ -601,14 +610,15 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                     f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
         data = DeviceImages(images.contiguous(), labels, classes, mean, std,
-                            c["image_size"], device, pad=min(w, h) // 8)
+                            c["image_size"], device, pad=min(w, h) // 8, cutout=c.get("cutout", 0.0))
         data.paths = [p for p in paths if p not in bad_paths]
         return data
     if _is_master():
         console(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
                 f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
                 "workers every epoch")
-    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers)
+    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers,
+                        c.get("cutout", 0.0))
     if bad_paths:
         data.leave_out(bad_paths)
     return data
@@ -642,7 +652,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
-                        flip=DATASETS[c["dataset"]].flips)
+                        flip=DATASETS[c["dataset"]].flips, cutout=c.get("cutout", 0.0))
 
 
 def close(*splits) -> None:
@@ -729,6 +739,26 @@ def normalization(c: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if c.get("normalize"):
         return tuple(c["normalize"][0]), tuple(c["normalize"][1])
     return DATASETS[c["dataset"]].stats
+
+
+def cutout(x: torch.Tensor, side: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries and Taylor, 2017): in each normalized image of x (B, C, h, w) a square of
+    `side` times the image's side, centred on a random pixel and cut off at the borders, is set to
+    0, the mean colour. The centres come from `generator` (None: the global stream)."""
+    b, _, h, w = x.shape
+    s = round(side * min(h, w))
+    g = generator.device if generator is not None else x.device  # MPS draws on a CPU generator
+    top = torch.randint(0, h, (b, 1, 1, 1), device=g, generator=generator).to(x.device) - s // 2
+    left = torch.randint(0, w, (b, 1, 1, 1), device=g, generator=generator).to(x.device) - s // 2
+    rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    inside = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+    return x.masked_fill(inside, 0.0)
+
+
+def cutout_one(image: torch.Tensor, side: float) -> torch.Tensor:
+    """cutout for one image (C, h, w): the DataLoader path's transform, seeded per image."""
+    return cutout(image.unsqueeze(0), side)[0]
 
 
 def augment_enabled(c: dict) -> bool:

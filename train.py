@@ -49,6 +49,8 @@ IMAGE_SIZE = 224          # network input side in pixels (>= 32); 28 px digits a
                           # device
 AUGMENT = "auto"          # auto | on | off: random crop (4 px padding), + flip except
                           # digits; auto = on for cifar10/folder
+CUTOUT = 0.0              # with AUGMENT: a square of this share of the image's side, at a random
+                          # place in each training image, set to the mean colour (0: off)
 WORKERS = 4               # DataLoader worker processes (folder dataset only; the others live on the
                           # device)
 SKIP_BAD_IMAGES = False   # folder dataset: leave out unreadable image files (else they stop the

@@ -48,6 +48,8 @@ def test_a_checkpoint_from_before_the_format_key_gets_its_run_s_values(tmp_path)
             ckpt["config"]["label_smoothing"], ckpt["config"]["normalize"]) == (0.0, False, None,
                                                                                 0.0, None)
     assert (ckpt["world"], ckpt["best_acc"], ckpt["folder_in_memory"]) == (1, 0.0, None)
+    assert (ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["config"]["cutout"],
+            ckpt["ema"]) == (0.0, False, 0.0, None)
 
 
 @pytest.mark.parametrize("version", ["2", 99, None])

@@ -1,13 +1,13 @@
 """The options of the short CPU recipes: a moving average of the weights (EMA_DECAY), Nesterov momentum
-(NESTEROV) and the linear schedule (SCHEDULE = "linear"). Runs use the 1,024-image MNIST and a
-1/16-width VGG16 at 32 px, so each takes seconds."""
+(NESTEROV), the linear schedule (SCHEDULE = "linear") and cutout (CUTOUT). Runs use the 1,024-image
+MNIST (or a small image folder) and a 1/16-width VGG16 at 32 px, so each takes seconds."""
 
 import pytest
 import torch
 
 import checkpoints
 import net
-from conftest import TINY, load, make_mnist, run_script, weight_differences
+from conftest import TINY, load, make_folder, make_mnist, run_script, weight_differences
 
 RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
        "--ema-decay", "0.9"]
@@ -126,7 +126,7 @@ def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
                check=True)
     resumed = load(tmp_path / "last.pth")
     assert resumed["format"] == checkpoints.FORMAT and resumed["ema"] is None
-    assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"]) == (0.0, False)
+    assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"], resumed["config"]["cutout"]) == (0.0, False, 0.0)
     assert not any(g["nesterov"] for g in resumed["optimizer"]["param_groups"])
     assert resumed["epoch"] == 2
 
@@ -170,3 +170,29 @@ def train_average_state(**more) -> dict:
     import train
     model = net.build_model(tiny_config(**more), 10)
     return train.make_average(model, tiny_config(**more)).state_dict()
+
+
+def test_cutout_reaches_training_resumes_exactly_and_is_refused_where_it_cannot_act(tmp_path, small):
+    """CUTOUT on a folder dataset (augmented by default): it changes what is trained, the config keeps it, and a
+    run of 1 epoch + --resume to 2 equals a straight 2-epoch run bitwise. Where the training images
+    are not augmented (digits by default) or out of range it is one line and exit 2."""
+    folder = make_folder(tmp_path / "folder", n_train=96, n_test=30)
+    # a schedule that does not depend on --epochs, so that 1 epoch extended to 2 is 2 epochs
+    run = [*TINY, "--dataset", "folder", "--data-dir", folder, "--schedule", "step", "--step-epochs", "1"]
+    run_script("train.py", *run, "--save-dir", tmp_path / "plain", check=True)
+    run_script("train.py", *run, "--cutout", "0.5", "--save-dir", tmp_path / "resumed", check=True)
+    one_epoch = load(tmp_path / "resumed" / "last.pth")
+    assert one_epoch["config"]["cutout"] == 0.5
+    assert weight_differences(one_epoch["model"], load(tmp_path / "plain" / "last.pth")["model"])
+    run_script("train.py", "--resume", "--epochs", "2", "--save-dir", tmp_path / "resumed", check=True)
+    run_script("train.py", *run, "--cutout", "0.5", "--epochs", "2", "--save-dir", tmp_path / "straight",
+               check=True)
+    assert not weight_differences(load(tmp_path / "resumed" / "last.pth")["model"],
+                                  load(tmp_path / "straight" / "last.pth")["model"])
+    for extra, words in ((["--data-dir", small], "--augment on"),
+                         (["--dataset", "folder", "--data-dir", folder, "--cutout", "1"], "[0, 1)")):
+        proc = run_script("train.py", *TINY, "--cutout", "0.5", *extra, "--save-dir", tmp_path / "no")
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--cutout" in lines[0] and words in lines[0], proc.stderr
+        assert not (tmp_path / "no").exists()

@@ -182,6 +182,73 @@ def test_augmentation_repeats_with_the_same_seed(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(first, again))
 
 
+def erased_boxes(out: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """Per image (C, h, w): (top, bottom, left, right) of the pixels that are 0 in every channel (the
+    mean colour after normalization), after checking that they fill that box exactly; None if none."""
+    boxes = []
+    for img in out:
+        zero = (img == 0).all(0)
+        if not zero.any():
+            boxes.append(None)
+            continue
+        ys, xs = torch.nonzero(zero, as_tuple=True)
+        top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        assert int(zero.sum()) == (bottom - top) * (right - left), "the erased pixels are no box"
+        boxes.append((top, bottom, left, right))
+    return boxes
+
+
+def square_cut_at_the_borders(box, side: int, size: int) -> bool:
+    """A box is a side x side square at some centre, cut off where it leaves the image."""
+    top, bottom, left, right = box
+    return all(0 < b - a <= side and (b - a == side or a == 0 or b == size)
+               for a, b in ((top, bottom), (left, right)))
+
+
+@pytest.mark.quick
+def test_cutout_sets_a_square_of_each_training_image_to_the_mean_colour():
+    """CUTOUT 0.25 on 32 px images: in each augmented image an 8x8 square, centred on a random pixel and
+    cut off at the borders, is 0 after normalization (the mean colour); the rest is the crop as
+    before (the same draws: the squares come after them); evaluation images are untouched."""
+    images, _ = known_images(256)
+    plain = device_images(images)
+    data = device_images(images)
+    data.cutout = 0.25
+    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(0))
+    cropped = plain.preprocess(images, augment=True, generator=torch.Generator().manual_seed(0))
+    boxes = erased_boxes(out)
+    assert all(b is not None and square_cut_at_the_borders(b, 8, 32) for b in boxes)
+    assert erased_boxes(cropped) == [None] * 256
+    keep = (out != 0).all(1, keepdim=True)
+    assert torch.equal(torch.where(keep, cropped, 0.0), out)  # outside the square: the crop itself
+    whole = [b for b in boxes if (b[1] - b[0], b[3] - b[2]) == (8, 8)]
+    assert 64 < len(whole) < 256  # most squares lie inside, some are cut off at a border
+    assert len({b[:1] for b in boxes}) > 20 and len({b[2:3] for b in boxes}) > 20  # centres spread
+    assert torch.equal(data.preprocess(images), plain.preprocess(images))
+    # the folder dataset's DataLoader path: the same square, on each image at its input size
+    torch.manual_seed(0)
+    one = torch.randn(3, 40, 40)
+    boxes = erased_boxes(torch.stack([imagedata.cutout_one(one, 0.5) for _ in range(64)]))
+    assert all(b is not None and square_cut_at_the_borders(b, 20, 40) for b in boxes)
+
+
+def test_the_folder_dataloader_path_cuts_out_its_training_images(tmp_path):
+    root = make_folder(tmp_path, n_train=13, n_test=3)
+    mean, std = imagedata.DATASETS["folder"].stats
+    with_cutout = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, 0, cutout=0.5)
+    without = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, 0)
+    idx = torch.arange(13)
+    gen = torch.Generator().manual_seed(5)
+    cut = torch.cat([x for x, _ in with_cutout.batches(idx, 13, augment=True, generator=gen)])
+    plain = torch.cat([x for x, _ in without.batches(idx, 13, augment=True, generator=gen)])
+    assert all(b is not None and square_cut_at_the_borders(b, 16, 32) for b in erased_boxes(cut))
+    assert erased_boxes(plain) == [None] * 13
+    keep = (cut != 0).all(1, keepdim=True)
+    assert torch.equal(torch.where(keep, plain, 0.0), cut)  # the same crops and flips, seeded per image
+    evaluated = torch.cat([x for x, _ in with_cutout.batches(idx, 13)])
+    assert erased_boxes(evaluated) == [None] * 13
+
+
 # ------------------------------------------------------------------------------------------ mixed precision
 
 def test_bf16_autocast_training_lowers_the_loss(tmp_path):
