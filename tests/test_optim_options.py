@@ -7,7 +7,7 @@ import torch
 
 import checkpoints
 import net
-from conftest import TINY, load, make_folder, make_mnist, run_script, weight_differences
+from conftest import TINY, load, make_folder, run_script, weight_differences
 
 RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5",
        "--ema-decay", "0.9"]
