@@ -49,6 +49,7 @@ def refused(scripts, script, edits, argv=()) -> str:
     ("test.py", {"AMP": "fp32"}, ["--amp", "fp32"]),
     ("train.py", {"AMP": "fp32"}, ["amp", "fp32"]),
     ("train.py", {"OPTIMIZER": "Adam"}, ["optimizer", "Adam"]),
+    ("train.py", {"CUTOUT": 1.0}, ["--cutout", "[0, 1)"]),
     ("bench.py", {"DATASET": "cifar10"}, ["--dataset", "cifar10"]),
 ], ids=lambda v: str(v) if isinstance(v, dict) else None)
 def test_a_choice_set_in_the_source_is_checked(scripts, script, edits, words):
@@ -82,6 +83,7 @@ def test_a_renamed_setting_is_one_line(scripts):
     ("train.py", {"EPOCHS": "10"}, ["EPOCHS", "int", "'10'"]),
     ("train.py", {"EPOCHS": 2.5}, ["EPOCHS", "int"]),
     ("train.py", {"BATCH_NORM": 1}, ["BATCH_NORM", "bool"]),
+    ("train.py", {"CUTOUT": "0.25"}, ["CUTOUT", "float"]),
     ("test.py", {"IMAGE": 3}, ["IMAGE"]),
 ])
 def test_a_value_of_the_wrong_type_in_the_source_is_one_line(scripts, script, edits, words):
