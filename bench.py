@@ -335,7 +335,8 @@ def pipeline_tutorial(args, device, amp, synthetic_size):
 
 
 def fp32_step(model: nn.Module):
-    """The plain training step of (b) and (c): fp32, zero_grad() keeping the gradient tensors."""
+    """The plain training step of (b) and (c): fp32, zero_grad() before backward (which frees the
+    gradients: torch's default since 2.0)."""
     optimizer = sgd(model)
     criterion = nn.CrossEntropyLoss()
 
