@@ -242,9 +242,9 @@ def _restore_random_state(state: dict, device: torch.device,
 def memory_estimate(c: dict, num_classes: int, amp: torch.dtype | None) -> tuple[int, int]:
     """(bytes that do not depend on the batch, bytes per image) of a training step, estimated on the
     meta device (shapes only, nothing computed): weights, gradients, optimizer state and the weights'
-    moving average (EMA_DECAY) in fp32 plus the autocast copies of the weights; per image, every tensor the forward pass creates (autograd
-    keeps nearly all of them for the backward pass in a VGG), in the autocast dtype, and the
-    input."""
+    moving average (EMA_DECAY) in fp32 plus the autocast copies of the weights; per image, every
+    tensor the forward pass creates (autograd keeps nearly all of them for the backward pass in a
+    VGG), in the autocast dtype, and the input."""
     from torch.utils._python_dispatch import TorchDispatchMode
     # BatchNorm needs more than one image; 3 tells activations from weights by their first dimension
     n = 3

@@ -178,7 +178,7 @@ class DeviceImages:
             x = x.expand(-1, self.mean.shape[1], -1, -1)
         x = (x - self.mean) / self.std
         if augment and self.cutout:  # at the stored resolution, like the crop
-            x = cutout(x, self.cutout, generator)
+            x = erase_squares(x, self.cutout, generator)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)
@@ -223,7 +223,7 @@ class FolderImages:
             [transforms.Lambda(_rgb), resize,
              transforms.RandomCrop(image_size, padding=image_size // 8),
              transforms.RandomHorizontalFlip(), *normalize,
-             *([transforms.Lambda(functools.partial(cutout_one, side=cutout))] if cutout else [])]))
+             *([transforms.Lambda(functools.partial(erase_square, side=cutout))] if cutout else [])]))
         self.classes = classes
         self.labels = torch.tensor(self.eval_set.targets)
         self._loaders = {}
@@ -741,7 +741,8 @@ def normalization(c: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return DATASETS[c["dataset"]].stats
 
 
-def cutout(x: torch.Tensor, side: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def erase_squares(x: torch.Tensor, side: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Cutout (DeVries and Taylor, 2017): in each normalized image of x (B, C, h, w) a square of
     `side` times the image's side, centred on a random pixel and cut off at the borders, is set to
     0, the mean colour. The centres come from `generator` (None: the global stream)."""
@@ -756,9 +757,9 @@ def cutout(x: torch.Tensor, side: float, generator: torch.Generator | None = Non
     return x.masked_fill(inside, 0.0)
 
 
-def cutout_one(image: torch.Tensor, side: float) -> torch.Tensor:
-    """cutout for one image (C, h, w): the DataLoader path's transform, seeded per image."""
-    return cutout(image.unsqueeze(0), side)[0]
+def erase_square(image: torch.Tensor, side: float) -> torch.Tensor:
+    """erase_squares for one image (C, h, w): the DataLoader path's transform, seeded per image."""
+    return erase_squares(image.unsqueeze(0), side)[0]
 
 
 def augment_enabled(c: dict) -> bool:

@@ -228,7 +228,7 @@ def test_cutout_sets_a_square_of_each_training_image_to_the_mean_colour():
     # the folder dataset's DataLoader path: the same square, on each image at its input size
     torch.manual_seed(0)
     one = torch.randn(3, 40, 40)
-    boxes = erased_boxes(torch.stack([imagedata.cutout_one(one, 0.5) for _ in range(64)]))
+    boxes = erased_boxes(torch.stack([imagedata.erase_square(one, 0.5) for _ in range(64)]))
     assert all(b is not None and square_cut_at_the_borders(b, 20, 40) for b in boxes)
 
 
