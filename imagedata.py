@@ -281,15 +281,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
                   ".ppm", ".pbm", ".pnm")
 
 
-def image_files(folder: Path, others: tuple[Path, ...] = ()) -> list[Path]:
+def image_files(folder: Path, others: frozenset[Path] = frozenset()) -> list[Path]:
     """The image files under `folder`, recursively, sorted. Names starting with a dot
     (.ipynb_checkpoints/, .DS_Store, editors' temporary files) are neither folders to search nor
     images; links are followed, but never into a folder already visited (a link back up would
     list the same images again and again). Anything with an image suffix that is not a regular
-    file (a FIFO, a dangling link) is listed, so that reading it reports it. `others`: folders
-    never to enter (a split's root and its other classes, which a link inside one class could
-    otherwise reach)."""
-    found, seen = [], {p.resolve() for p in others} - {folder.resolve()}
+    file (a FIFO, a dangling link) is listed, so that reading it reports it. `others`: the real
+    paths (Path.resolve()) of folders never to enter (a split's root and its other classes, which
+    a link inside one class could otherwise reach)."""
+    found, seen = [], set(others) - {folder.resolve()}
 
     def walk(path: Path) -> None:
         try:
@@ -322,8 +322,10 @@ def list_images(split: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise UserError(f"cannot read {split}: {e.strerror or e}") from None
     if not classes:
         raise UserError(f"{split} holds no class folders ({split}/CLASS/image.jpg)")
+    # resolved once here: once per class inside image_files made 1,000 classes a million lookups
+    fenced = frozenset(p.resolve() for p in (split, *(split / c for c in classes)))
     samples = [(str(path), k) for k, name in enumerate(classes)
-               for path in image_files(split / name, (split, *(split / c for c in classes)))]
+               for path in image_files(split / name, fenced)]
     empty = sorted(set(classes) - {classes[k] for _, k in samples})
     if empty:
         raise UserError(f"{split}: class folder(s) {', '.join(empty)} hold no image files "
