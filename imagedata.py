@@ -289,12 +289,12 @@ def image_files(folder: Path, others: frozenset[Path] = frozenset()) -> list[Pat
     file (a FIFO, a dangling link) is listed, so that reading it reports it. `others`: the real
     paths (Path.resolve()) of folders never to enter (a split's root and its other classes, which
     a link inside one class could otherwise reach)."""
-    found, seen = [], set(others) - {folder.resolve()}
+    found, seen, top = [], set(), folder.resolve()
 
     def walk(path: Path) -> None:
         try:
             real = path.resolve()
-            if real in seen:
+            if real in seen or (real in others and real != top):
                 return
             seen.add(real)
             entries = sorted(os.scandir(path), key=lambda e: e.name)
