@@ -1,6 +1,7 @@
 """Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
 import os
+import platform
 import signal
 from contextlib import contextmanager, nullcontext
 
@@ -69,9 +70,10 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
 
     auto: bf16 on NVIDIA GPUs of compute capability 8.0 and newer (Ampere) and on NPUs with bf16
     (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer
-    is_bf16_supported() with True, but emulate bf16 in slow kernels); bf16 on CPUs with AMX; fp32
-    elsewhere. A CPU with AVX512-BF16 but no AMX trains VGG16 slower in bf16 than in fp32 (measured
-    on a 2-core Xeon).
+    is_bf16_supported() with True, but emulate bf16 in slow kernels). On a CPU, bf16 where it trained
+    VGG16 faster than fp32: with AMX (Xeon), and with AVX512-BF16 on an AMD CPU (1.4-1.5x on an EPYC
+    of family 25, Zen 4); fp32 elsewhere, also on a Xeon with AVX512-BF16 but no AMX, where bf16
+    trained at 0.66-0.83x of fp32's speed (docs/bench.md, "bf16 on the CPU").
     """
     if mode == "off":
         return None, "--amp off"
@@ -91,8 +93,23 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
                    and torch.cpu._is_amx_tile_supported())
         if has_amx:
             return torch.bfloat16, "auto: this CPU has AMX"
+        if torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD":
+            return torch.bfloat16, "auto: this AMD CPU has AVX512-BF16"
         return None, "auto: this CPU has no AMX"
     return None, f"auto: fp32 on {device.type.upper()}"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD"), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: "AMD64 Family 25 Model 17 Stepping 1, AuthenticAMD"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in processor), "")
 
 
 def fused_step(device: torch.device) -> bool | None:

@@ -1,6 +1,7 @@
 """Accelerator paths proven on the CPU: each test reproduces one constraint of a device this project
 has no access to (Apple MPS, older NVIDIA GPUs, Ascend NPUs) and checks the code respects it."""
 
+import platform
 import signal
 import sys
 
@@ -33,17 +34,39 @@ def test_auto_precision_follows_the_compute_capability(capability, expected, mon
     assert f"compute capability {capability[0]}.{capability[1]}" in reason
 
 
-@pytest.mark.parametrize("amx, expected", [(False, None), (True, torch.bfloat16)])
+@pytest.mark.parametrize("vendor, amx, avx512_bf16, expected, reason", [
+    # Xeon without AMX: bf16 trained at 0.66-0.83x of fp32's speed
+    ("GenuineIntel", False, True, None, "auto: this CPU has no AMX"),
+    ("GenuineIntel", True, True, torch.bfloat16, "auto: this CPU has AMX"),
+    # EPYC Zen 4: bf16 1.4x fp32
+    ("AuthenticAMD", False, True, torch.bfloat16, "auto: this AMD CPU has AVX512-BF16"),
+    ("AuthenticAMD", False, False, None, "auto: this CPU has no AMX"),  # before Zen 4
+    ("", False, True, None, "auto: this CPU has no AMX"),  # vendor unknown
+])
 @pytest.mark.quick
-def test_auto_precision_on_a_cpu_needs_amx(amx, expected, monkeypatch):
-    """AVX512-BF16 without AMX trains slower in bf16 than in fp32 (measured on this project's Xeon VM)."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+def test_auto_precision_on_a_cpu_follows_what_was_measured(vendor, amx, avx512_bf16, expected,
+                                                           reason, monkeypatch):
+    """bf16 where it trained faster than fp32: AMX, or AVX512-BF16 on an AMD CPU; an Intel CPU with
+    AVX512-BF16 but no AMX trained slower in bf16 (docs/bench.md, "bf16 on the CPU")."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    dtype, reason = devices.amp_choice(CPU, "auto")
-    assert dtype == expected
-    assert reason == ("auto: this CPU has AMX" if amx else "auto: this CPU has no AMX")
+    monkeypatch.setattr(devices, "cpu_vendor", lambda: vendor)
+    assert devices.amp_choice(CPU, "auto") == (expected, reason)
     assert devices.amp_choice(CPU, "bf16") == (torch.bfloat16, "--amp bf16")
     assert devices.amp_choice(CPU, "off") == (None, "--amp off")
+
+
+@pytest.mark.quick
+def test_the_cpu_vendor_is_read_from_the_machine():
+    """The name the CPU itself reports (cpuid's vendor string), on the OS this runs on."""
+    vendor = devices.cpu_vendor()
+    assert isinstance(vendor, str)
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64"):
+        with open("/proc/cpuinfo") as f:
+            expected = next(line.split(":", 1)[1].strip() for line in f
+                            if line.startswith("vendor_id"))
+        assert vendor == expected
+        assert vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
 
 
 # ------------------------------------------------------------------------- what a training run dispatches
