@@ -137,7 +137,7 @@ def test_mistakes_csv_and_the_metrics_agree_with_the_predictions(tmp_path, test_
                       "classes": [str(k) for k in range(10)], "epoch": 1}, tmp_path / "m.pth")
     monkeypatch.setattr("sys.argv", ["test.py", "--checkpoint", str(tmp_path / "m.pth"),
                                      "--device", "cpu", "--grid", "0", "--cam", "4",
-                                     "--mistakes", "5"])
+                                     "--mistakes", "5", "--amp", "off"])  # fp32, as below
     test_script.main()
     out = capsys.readouterr().out
     data = imagedata.load_split(c, False, CPU)
