@@ -1,4 +1,4 @@
-"""CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: 85% or more in about 20 to 30 minutes
+"""CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: 85% or more in about 16 to 30 minutes
 (README, "Running on a CPU").
 
     python train.py recipes/cifar10_cpu.py --data-dir "$DATA_DIR/cifar10-jpeg"

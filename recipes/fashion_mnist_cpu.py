@@ -1,4 +1,4 @@
-"""Fashion-MNIST on a 2-core CPU: 92.5% or more in about 7 to 15 minutes (README, "Running on a
+"""Fashion-MNIST on a 2-core CPU: 92.5% or more in about 6 to 15 minutes (README, "Running on a
 CPU").
 
     python train.py recipes/fashion_mnist_cpu.py      # options typed after it still win
