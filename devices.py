@@ -71,7 +71,7 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
     auto: bf16 on NVIDIA GPUs of compute capability 8.0 and newer (Ampere) and on NPUs with bf16
     (Ascend 910B); fp16 with loss scaling on older ones (T4, V100, RTX 20xx answer
     is_bf16_supported() with True, but emulate bf16 in slow kernels). On a CPU, bf16 where it trained
-    VGG16 faster than fp32: with AMX (Xeon), and with AVX512-BF16 on an AMD CPU (1.4-1.5x on an EPYC
+    VGG16 faster than fp32: with AMX (Xeon), and with AVX512-BF16 on an AMD CPU (1.4-2.2x on an EPYC
     of family 25, Zen 4); fp32 elsewhere, also on a Xeon with AVX512-BF16 but no AMX, where bf16
     trained at 0.66-0.83x of fp32's speed (docs/bench.md, "bf16 on the CPU").
     """
@@ -93,7 +93,9 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
                    and torch.cpu._is_amx_tile_supported())
         if has_amx:
             return torch.bfloat16, "auto: this CPU has AMX"
-        if torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD":
+        has_avx512_bf16 = (hasattr(torch.cpu, "_is_avx512_bf16_supported")
+                           and torch.cpu._is_avx512_bf16_supported())
+        if has_avx512_bf16 and cpu_vendor() == "AuthenticAMD":
             return torch.bfloat16, "auto: this AMD CPU has AVX512-BF16"
         return None, "auto: this CPU has no AMX"
     return None, f"auto: fp32 on {device.type.upper()}"
