@@ -67,17 +67,20 @@ def check_settings(c: dict) -> None:
     digit), nor where the run's augmentation is off (Fashion-MNIST's shoes all point one way; a model
     that never saw them mirrored tested 85% with TTA against 93% without)."""
     dataset = c.get("dataset")
-    if dataset is not None and dataset not in DATASETS:
+    if dataset is None:
+        return
+    if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if c.get("tta") is True and dataset is not None and not DATASETS[dataset].flips:
+    augment_off = "augment" in c and not augment_enabled(c)
+    if c.get("tta") is True and not DATASETS[dataset].flips:
         suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
         raise UserError(f"--tta averages each image with its mirror image, which does not suit "
                         f"{dataset}; it is for {suited}")
-    if c.get("tta") is True and "augment" in c and dataset is not None and not augment_enabled(c):
+    if c.get("tta") is True and augment_off:
         raise UserError(f"--tta averages each image with its mirror image, which training never "
                         f"showed: augmentation (crops and flips) is off for {dataset} (--augment "
                         f"{c['augment']}): train with --augment on, or use --tta off")
-    if c.get("cutout") and "augment" in c and dataset is not None and not augment_enabled(c):
+    if c.get("cutout") and augment_off:
         raise UserError(f"--cutout is part of the training images' augmentation, which is off "
                         f"for {dataset} (--augment {c['augment']}): add --augment on")
 
