@@ -89,16 +89,17 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
             return torch.bfloat16, "auto: this NPU has bf16"
         return torch.float16, "auto: this NPU has no bf16"
     if device.type == "cpu":
-        has_amx = (hasattr(torch.cpu, "_is_amx_tile_supported")
-                   and torch.cpu._is_amx_tile_supported())
-        if has_amx:
+        if cpu_has("amx_tile"):
             return torch.bfloat16, "auto: this CPU has AMX"
-        has_avx512_bf16 = (hasattr(torch.cpu, "_is_avx512_bf16_supported")
-                           and torch.cpu._is_avx512_bf16_supported())
-        if has_avx512_bf16 and cpu_vendor() == "AuthenticAMD":
+        if cpu_has("avx512_bf16") and cpu_vendor() == "AuthenticAMD":
             return torch.bfloat16, "auto: this AMD CPU has AVX512-BF16"
         return None, "auto: this CPU has no AMX"
     return None, f"auto: fp32 on {device.type.upper()}"
+
+
+def cpu_has(feature: str) -> bool:
+    """torch.cpu._is_<feature>_supported(), False on a torch too old to ask."""
+    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
 
 
 def cpu_vendor() -> str:
