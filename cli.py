@@ -393,8 +393,8 @@ def check_config(c: dict) -> None:
          f"unknown schedule {{!r}}; choose one of {', '.join(SCHEDULES)}")
     need("amp", lambda v: v in AMP_MODES,
          f"unknown amp mode {{!r}}; choose one of {', '.join(AMP_MODES)}")
-    need("augment", lambda v: v in ("auto", "on", "off"),
-         "--augment must be auto, on or off, got {!r}")
+    need("augment", lambda v: v in ("auto", "on", "off", "flip"),
+         "--augment must be auto, on, off or flip, got {!r}")
     need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")
     need("warmup_epochs", lambda v: v >= 0, "--warmup-epochs must be >= 0, got {}")
     need("save_every_minutes", lambda v: v >= 0, "--save-every-minutes must be >= 0, got {}")

@@ -72,14 +72,17 @@ def check_settings(c: dict) -> None:
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     augment_off = "augment" in c and not augment_enabled(c)
+    suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
     if c.get("tta") is True and not DATASETS[dataset].flips:
-        suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
         raise UserError(f"--tta averages each image with its mirror image, which does not suit "
+                        f"{dataset}; it is for {suited}")
+    if c.get("augment") == "flip" and not DATASETS[dataset].flips:
+        raise UserError(f"--augment flip mirrors the training images, which does not suit "
                         f"{dataset}; it is for {suited}")
     if c.get("tta") is True and augment_off:
         raise UserError(f"--tta averages each image with its mirror image, which training never "
                         f"showed: augmentation (crops and flips) is off for {dataset} (--augment "
-                        f"{c['augment']}): train with --augment on, or use --tta off")
+                        f"{c['augment']}): train with --augment on or flip, or use --tta off")
     if c.get("cutout") and augment_off:
         raise UserError(f"--cutout is part of the training images' augmentation, which is off "
                         f"for {dataset} (--augment {c['augment']}): add --augment on")
@@ -132,6 +135,10 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool = True)
                         "(set DATA_DIR or --data-dir to the dataset root)") from None
 
 
+# The random crops' zero padding for the datasets stored at 28 or 32 px: shifts of up to 4 px.
+CROP_PAD = 4
+
+
 class DeviceImages:
     """A whole split as a uint8 tensor on the training device, preprocessed a batch at a time there.
 
@@ -140,7 +147,7 @@ class DeviceImages:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
-                 image_size: int, device: torch.device, pad: int = 4, flip: bool = True,
+                 image_size: int, device: torch.device, pad: int = CROP_PAD, flip: bool = True,
                  cutout: float = 0.0):
         self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
         self.labels = labels.to(device)      # (N,) int64
@@ -149,6 +156,7 @@ class DeviceImages:
         self.device = device
         self.paths: list[str] | None = None  # a folder's files, in order (test.py names them)
         self.pad = pad                       # random-crop padding, in pixels of the stored image
+                                             # (0: no shifts, only the flips)
         # horizontal flips (not for digits: a mirrored 2 is no 2)
         self.flip = flip
         self.cutout = cutout                 # side of the erased square, a share of the image's side
@@ -217,7 +225,7 @@ class FolderImages:
     """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
 
     def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
-                 device: torch.device, workers: int, cutout: float = 0.0):
+                 device: torch.device, workers: int, cutout: float = 0.0, shifts: bool = True):
         from torchvision import transforms
         self.device = device
         self.workers = workers
@@ -230,7 +238,7 @@ class FolderImages:
         self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(_rgb), resize,
-             transforms.RandomCrop(image_size, padding=image_size // 8),
+             *([transforms.RandomCrop(image_size, padding=image_size // 8)] if shifts else []),
              transforms.RandomHorizontalFlip(), *normalize,
              *([transforms.Lambda(functools.partial(erase_square, side=cutout))] if cutout else [])]))
         self.classes = classes
@@ -621,7 +629,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                     f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
         data = DeviceImages(images.contiguous(), labels, classes, mean, std,
-                            c["image_size"], device, pad=min(w, h) // 8, cutout=c.get("cutout", 0.0))
+                            c["image_size"], device, pad=min(w, h) // 8 if shifts(c) else 0,
+                            cutout=c.get("cutout", 0.0))
         data.paths = [p for p in paths if p not in bad_paths]
         return data
     if _is_master():
@@ -629,7 +638,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                 f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
                 "workers every epoch")
     data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers,
-                        c.get("cutout", 0.0))
+                        c.get("cutout", 0.0), shifts(c))
     if bad_paths:
         data.leave_out(bad_paths)
     return data
@@ -663,7 +672,8 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
-                        flip=DATASETS[c["dataset"]].flips, cutout=c.get("cutout", 0.0))
+                        pad=CROP_PAD if shifts(c) else 0, flip=DATASETS[c["dataset"]].flips,
+                        cutout=c.get("cutout", 0.0))
 
 
 def close(*splits) -> None:
@@ -774,8 +784,15 @@ def erase_square(image: torch.Tensor, side: float) -> torch.Tensor:
 
 
 def augment_enabled(c: dict) -> bool:
-    """auto: the dataset table's choice (on for natural images, off for digits and clothes)."""
-    return c["augment"] == "on" or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment)
+    """auto: the dataset table's choice (on for natural images, off for digits and clothes); flip:
+    on, without the crops' shifts."""
+    return (c["augment"] in ("on", "flip")
+            or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment))
+
+
+def shifts(c: dict) -> bool:
+    """Whether the augmentation's random crops shift the images (all but --augment flip)."""
+    return c.get("augment") != "flip"
 
 
 def epoch_batches(data, c: dict, epoch: int, from_step: int, steps: int,

@@ -161,6 +161,34 @@ def test_digits_are_shifted_but_never_mirrored(tmp_path):
     assert imagedata.DATASETS["fashion-mnist"].flips and not imagedata.DATASETS["mnist"].flips
 
 
+def itself_or_mirror(out: torch.Tensor, plain: torch.Tensor) -> list[str]:
+    """Per image: "itself", "mirror" (its left-right mirror image) or "other"."""
+    return ["itself" if torch.allclose(o, p, atol=1e-5) else
+            "mirror" if torch.allclose(o, p.flip(-1), atol=1e-5) else "other" for o, p in zip(out, plain)]
+
+
+def test_augment_flip_mirrors_the_training_images_and_never_shifts_them(tmp_path, monkeypatch):
+    """--augment flip (the Fashion-MNIST recipe: docs/recipes.md, f14): each training image is
+    itself or its mirror image, never shifted, on both paths of the pipeline; --augment on shifts."""
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=8, folder="FashionMNIST")
+    c = {"dataset": "fashion-mnist", "data_dir": str(root), "image_size": 32}
+    for augment, expected in (("flip", {"itself", "mirror"}), ("on", {"itself", "mirror", "other"})):
+        data = imagedata.load_split(c | {"augment": augment}, True, CPU)
+        x = data.images[:64]
+        out = data.preprocess(x, augment=True, generator=torch.Generator().manual_seed(0))
+        kinds = itself_or_mirror(out, data.preprocess(x))
+        assert set(kinds) == expected if augment == "flip" else "other" in kinds, (augment, kinds)
+    # a folder through DataLoader workers (too large for memory: here, a share of 0)
+    folder = make_folder(tmp_path / "folder", n_train=24, n_test=3)
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
+    data = imagedata.load_split(folder_config(folder, augment="flip"), True, CPU)
+    assert isinstance(data, imagedata.FolderImages)
+    idx = torch.arange(len(data))
+    out = torch.cat([x for x, _ in data.batches(idx, 8, augment=True, generator=torch.Generator().manual_seed(2))])
+    plain = torch.cat([x for x, _ in data.batches(idx, 8)])
+    assert set(itself_or_mirror(out, plain)) == {"itself", "mirror"}
+
+
 def test_augmentation_repeats_with_the_same_seed(tmp_path):
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
     data = imagedata.load_split(config("mnist", root, 32), True, CPU)
