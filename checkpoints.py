@@ -45,7 +45,8 @@ METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 #   2: "format" added; config holds every setting that changes the model or the run.
 #   3: config gains "ema_decay" and "nesterov"; last.pth gains "ema" (the averaged weights, or None).
 #   4: config gains "cutout".
-FORMAT = 4
+#   5: config gains "shift".
+FORMAT = 5
 
 
 def last_path(save_dir) -> Path:
@@ -127,6 +128,8 @@ def upgrade(ckpt: dict, path) -> dict:
             ckpt.setdefault("ema", None)
     if version < 4:
         ckpt["config"].setdefault("cutout", 0.0)  # before cutout: none
+    if version < 5:
+        ckpt["config"].setdefault("shift", 4)     # before SHIFT: 4 px (folders: 1/8 of the side)
     ckpt["format"] = FORMAT
     return ckpt
 

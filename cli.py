@@ -192,7 +192,7 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # later". A constant of a script's block not listed here is a typo; one listed but missing was
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
-    "train.py": ("dataset data_dir image_size augment cutout workers skip_bad_images val_fraction tta depth "
+    "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images val_fraction tta depth "
                  "width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult epochs batch_size "
                  "optimizer lr momentum nesterov weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
@@ -297,7 +297,7 @@ SEED_MAX = 2**32 - 1
 MAX_IMAGE_SIZE = 2048
 
 
-INT_SETTINGS = ("image_size", "workers", "depth", "width_div", "epochs", "batch_size",
+INT_SETTINGS = ("image_size", "shift", "workers", "depth", "width_div", "epochs", "batch_size",
                 "step_epochs", "seed", "keep", "log_every", "show", "grid", "grid_seed", "top_k",
                 "steps", "warmup", "freeze_epochs", "cam", "mistakes")
 
@@ -393,8 +393,9 @@ def check_config(c: dict) -> None:
          f"unknown schedule {{!r}}; choose one of {', '.join(SCHEDULES)}")
     need("amp", lambda v: v in AMP_MODES,
          f"unknown amp mode {{!r}}; choose one of {', '.join(AMP_MODES)}")
-    need("augment", lambda v: v in ("auto", "on", "off", "flip"),
-         "--augment must be auto, on, off or flip, got {!r}")
+    need("augment", lambda v: v in ("auto", "on", "off"),
+         "--augment must be auto, on or off, got {!r}")
+    need("shift", lambda v: 0 <= v <= 16, "--shift must be from 0 to 16 pixels (0: flips only), got {}")
     need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")
     need("warmup_epochs", lambda v: v >= 0, "--warmup-epochs must be >= 0, got {}")
     need("save_every_minutes", lambda v: v >= 0, "--save-every-minutes must be >= 0, got {}")

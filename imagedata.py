@@ -76,13 +76,13 @@ def check_settings(c: dict) -> None:
     if c.get("tta") is True and not DATASETS[dataset].flips:
         raise UserError(f"--tta averages each image with its mirror image, which does not suit "
                         f"{dataset}; it is for {suited}")
-    if c.get("augment") == "flip" and not DATASETS[dataset].flips:
-        raise UserError(f"--augment flip mirrors the training images, which does not suit "
-                        f"{dataset}; it is for {suited}")
+    if c.get("shift") == 0 and "augment" in c and augment_enabled(c) and not DATASETS[dataset].flips:
+        raise UserError(f"--shift 0 leaves {dataset}'s augmentation nothing to do (it is never "
+                        f"flipped): give --shift 1 or more, or --augment off")
     if c.get("tta") is True and augment_off:
         raise UserError(f"--tta averages each image with its mirror image, which training never "
                         f"showed: augmentation (crops and flips) is off for {dataset} (--augment "
-                        f"{c['augment']}): train with --augment on or flip, or use --tta off")
+                        f"{c['augment']}): train with --augment on, or use --tta off")
     if c.get("cutout") and augment_off:
         raise UserError(f"--cutout is part of the training images' augmentation, which is off "
                         f"for {dataset} (--augment {c['augment']}): add --augment on")
@@ -135,8 +135,9 @@ def _torchvision_split(name: str, root: str, train: bool, download: bool = True)
                         "(set DATA_DIR or --data-dir to the dataset root)") from None
 
 
-# The random crops' zero padding for the datasets stored at 28 or 32 px: shifts of up to 4 px.
-CROP_PAD = 4
+# The random crops' zero padding, in pixels of the 28 or 32 px images (folders: in 32nds of their
+# side), for a config without SHIFT (train.py's default).
+SHIFT = 4
 
 
 class DeviceImages:
@@ -147,7 +148,7 @@ class DeviceImages:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
-                 image_size: int, device: torch.device, pad: int = CROP_PAD, flip: bool = True,
+                 image_size: int, device: torch.device, pad: int = SHIFT, flip: bool = True,
                  cutout: float = 0.0):
         self.images = images.to(device)      # (N, C, h, w) uint8, C = 1 or 3
         self.labels = labels.to(device)      # (N,) int64
@@ -225,7 +226,7 @@ class FolderImages:
     """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
 
     def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
-                 device: torch.device, workers: int, cutout: float = 0.0, shifts: bool = True):
+                 device: torch.device, workers: int, cutout: float = 0.0, shift: int = SHIFT):
         from torchvision import transforms
         self.device = device
         self.workers = workers
@@ -238,7 +239,7 @@ class FolderImages:
         self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(_rgb), resize,
-             *([transforms.RandomCrop(image_size, padding=image_size // 8)] if shifts else []),
+             *([transforms.RandomCrop(image_size, padding=image_size * shift // 32)] if shift else []),
              transforms.RandomHorizontalFlip(), *normalize,
              *([transforms.Lambda(functools.partial(erase_square, side=cutout))] if cutout else [])]))
         self.classes = classes
@@ -629,7 +630,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                     f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
         # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
         data = DeviceImages(images.contiguous(), labels, classes, mean, std,
-                            c["image_size"], device, pad=min(w, h) // 8 if shifts(c) else 0,
+                            c["image_size"], device, pad=min(w, h) * shift(c) // 32,
                             cutout=c.get("cutout", 0.0))
         data.paths = [p for p in paths if p not in bad_paths]
         return data
@@ -638,7 +639,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
                 f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
                 "workers every epoch")
     data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers,
-                        c.get("cutout", 0.0), shifts(c))
+                        c.get("cutout", 0.0), shift(c))
     if bad_paths:
         data.leave_out(bad_paths)
     return data
@@ -672,7 +673,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
     labels = torch.as_tensor(ds.targets, dtype=torch.long)
     classes = [name.split(" - ")[0] for name in ds.classes]  # MNIST's "7 - seven" -> "7"
     return DeviceImages(images.contiguous(), labels, classes, mean, std, c["image_size"], device,
-                        pad=CROP_PAD if shifts(c) else 0, flip=DATASETS[c["dataset"]].flips,
+                        pad=shift(c), flip=DATASETS[c["dataset"]].flips,
                         cutout=c.get("cutout", 0.0))
 
 
@@ -784,15 +785,14 @@ def erase_square(image: torch.Tensor, side: float) -> torch.Tensor:
 
 
 def augment_enabled(c: dict) -> bool:
-    """auto: the dataset table's choice (on for natural images, off for digits and clothes); flip:
-    on, without the crops' shifts."""
-    return (c["augment"] in ("on", "flip")
-            or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment))
+    """auto: the dataset table's choice (on for natural images, off for digits and clothes)."""
+    return c["augment"] == "on" or (c["augment"] == "auto" and DATASETS[c["dataset"]].augment)
 
 
-def shifts(c: dict) -> bool:
-    """Whether the augmentation's random crops shift the images (all but --augment flip)."""
-    return c.get("augment") != "flip"
+def shift(c: dict) -> int:
+    """The random crops' largest shift (SHIFT): pixels of a 28 or 32 px image, 32nds of a folder
+    image's side; 0: the flips alone."""
+    return c.get("shift", SHIFT)
 
 
 def epoch_batches(data, c: dict, epoch: int, from_step: int, steps: int,

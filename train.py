@@ -47,8 +47,10 @@ DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment varia
                                                # ./data)
 IMAGE_SIZE = 224          # network input side in pixels (>= 32); 28 px digits are upsampled on the
                           # device
-AUGMENT = "auto"          # auto | on | off | flip: random crop (4 px padding), + flip except
-                          # digits; auto = on for cifar10/folder; flip: flips only
+AUGMENT = "auto"          # auto | on | off: random crop (SHIFT px padding), + flip except
+                          # digits; auto = on for cifar10/folder
+SHIFT = 4                 # with AUGMENT: the crops shift images by up to this many pixels
+                          # (folders: 32nds of the side); 0: flips only
 CUTOUT = 0.0              # with AUGMENT: a square of this share of the image's side, at a random
                           # place in each training image, set to the mean colour (0: off)
 WORKERS = 4               # DataLoader worker processes (folder dataset only; the others live on the

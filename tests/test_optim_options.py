@@ -126,7 +126,8 @@ def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
                check=True)
     resumed = load(tmp_path / "last.pth")
     assert resumed["format"] == checkpoints.FORMAT and resumed["ema"] is None
-    assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"], resumed["config"]["cutout"]) == (0.0, False, 0.0)
+    assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"], resumed["config"]["cutout"],
+            resumed["config"]["shift"]) == (0.0, False, 0.0, 4)
     assert not any(g["nesterov"] for g in resumed["optimizer"]["param_groups"])
     assert resumed["epoch"] == 2
 

@@ -167,26 +167,43 @@ def itself_or_mirror(out: torch.Tensor, plain: torch.Tensor) -> list[str]:
             "mirror" if torch.allclose(o, p.flip(-1), atol=1e-5) else "other" for o, p in zip(out, plain)]
 
 
-def test_augment_flip_mirrors_the_training_images_and_never_shifts_them(tmp_path, monkeypatch):
-    """--augment flip (the Fashion-MNIST recipe: docs/recipes.md, f14): each training image is
-    itself or its mirror image, never shifted, on both paths of the pipeline; --augment on shifts."""
+def test_shift_0_mirrors_the_training_images_and_never_shifts_them(tmp_path, monkeypatch):
+    """--shift 0 (the Fashion-MNIST recipe: docs/recipes.md, f14): each training image is itself or its
+    mirror image, never shifted, on both paths of the pipeline; the default shift moves them."""
     root = make_mnist(tmp_path / "data", n_train=64, n_test=8, folder="FashionMNIST")
-    c = {"dataset": "fashion-mnist", "data_dir": str(root), "image_size": 32}
-    for augment, expected in (("flip", {"itself", "mirror"}), ("on", {"itself", "mirror", "other"})):
-        data = imagedata.load_split(c | {"augment": augment}, True, CPU)
+    c = {"dataset": "fashion-mnist", "data_dir": str(root), "image_size": 32, "augment": "on"}
+    for more, flips_only in (({"shift": 0}, True), ({}, False)):
+        data = imagedata.load_split(c | more, True, CPU)
         x = data.images[:64]
         out = data.preprocess(x, augment=True, generator=torch.Generator().manual_seed(0))
         kinds = itself_or_mirror(out, data.preprocess(x))
-        assert set(kinds) == expected if augment == "flip" else "other" in kinds, (augment, kinds)
+        assert (set(kinds) == {"itself", "mirror"}) if flips_only else ("other" in kinds), (more, kinds)
     # a folder through DataLoader workers (too large for memory: here, a share of 0)
     folder = make_folder(tmp_path / "folder", n_train=24, n_test=3)
     monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
-    data = imagedata.load_split(folder_config(folder, augment="flip"), True, CPU)
+    data = imagedata.load_split(folder_config(folder, shift=0), True, CPU)
     assert isinstance(data, imagedata.FolderImages)
     idx = torch.arange(len(data))
     out = torch.cat([x for x, _ in data.batches(idx, 8, augment=True, generator=torch.Generator().manual_seed(2))])
     plain = torch.cat([x for x, _ in data.batches(idx, 8)])
     assert set(itself_or_mirror(out, plain)) == {"itself", "mirror"}
+
+
+@pytest.mark.parametrize("shift", [2, 4])
+def test_shift_bounds_how_far_a_known_pixel_moves(tmp_path, shift):
+    """A bright pixel of each 28 px training image moves by at most --shift pixels each way (every
+    offset from -shift to shift occurs); digits are never mirrored."""
+    root = make_mnist(tmp_path / "data", n_train=64, n_test=8)
+    data = imagedata.load_split({"dataset": "mnist", "data_dir": str(root), "image_size": 32,
+                                 "shift": shift}, True, CPU)
+    assert data.pad == shift
+    images = torch.zeros(256, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 10, 5] = 255
+    data.image_size = 28  # no resize, so the pixel stays one pixel
+    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(1))
+    where = [torch.nonzero(img[0] == img[0].max(), as_tuple=True) for img in out]
+    assert {int(y[0]) - 10 for y, _ in where} == set(range(-shift, shift + 1))
+    assert {int(x[0]) - 5 for _, x in where} == set(range(-shift, shift + 1))
 
 
 def test_augmentation_repeats_with_the_same_seed(tmp_path):

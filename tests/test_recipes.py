@@ -47,7 +47,7 @@ def test_a_recipe_replaces_the_block_and_typed_options_win(tmp_path):
     ("LR = 0.02,\n", ["LR", "float", "tuple"]),
     ("EPOCHS = 2 * 3\n", ["line 1", "EPOCHS", "plain value"]),
     ("import os\n", ["line 1", "NAME = value"]),
-    ("AUGMENT = 'always'\n", ["augment", "auto, on, off or flip"]),
+    ("AUGMENT = 'always'\n", ["augment", "auto, on or off"]),
     ("EPOCHS = 0\n", ["--epochs", "at least 1"]),
     ("EPOCHS = \n", ["not a Python file"]),
 ])
