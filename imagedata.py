@@ -628,7 +628,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
         if _is_master():
             console(f"{split}: {len(labels):,} images of {w}x{h} decoded into {device} memory "
                     f"({need / 2**20:,.1f} MB) in {time.perf_counter() - t0:.1f} s")
-        # Crop padding of 1/8 of the side, as the DataLoader path pads its image_size-sided images.
+        # Crop padding of SHIFT 32nds of the side (1/8 by default), as the DataLoader path pads its
+        # image_size-sided images.
         data = DeviceImages(images.contiguous(), labels, classes, mean, std,
                             c["image_size"], device, pad=min(w, h) * shift(c) // 32,
                             cutout=c.get("cutout", 0.0))
