@@ -50,6 +50,8 @@ def refused(scripts, script, edits, argv=()) -> str:
     ("train.py", {"AMP": "fp32"}, ["amp", "fp32"]),
     ("train.py", {"OPTIMIZER": "Adam"}, ["optimizer", "Adam"]),
     ("train.py", {"CUTOUT": 1.0}, ["--cutout", "[0, 1)"]),
+    ("train.py", {"SHIFT": 17}, ["--shift", "from 0 to 16", "17"]),
+    ("train.py", {"SHIFT": 2.5}, ["SHIFT", "int", "2.5"]),
     ("bench.py", {"DATASET": "cifar10"}, ["--dataset", "cifar10"]),
 ], ids=lambda v: str(v) if isinstance(v, dict) else None)
 def test_a_choice_set_in_the_source_is_checked(scripts, script, edits, words):
