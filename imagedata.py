@@ -72,8 +72,8 @@ def check_settings(c: dict) -> None:
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     augment_off = "augment" in c and not augment_enabled(c)
-    suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
     if c.get("tta") is True and not DATASETS[dataset].flips:
+        suited = ", ".join(name for name, d in DATASETS.items() if d.flips)
         raise UserError(f"--tta averages each image with its mirror image, which does not suit "
                         f"{dataset}; it is for {suited}")
     if c.get("shift") == 0 and "augment" in c and augment_enabled(c) and not DATASETS[dataset].flips:
