@@ -65,7 +65,8 @@ def check_settings(c: dict) -> None:
     """The datasets' rules for a config (train.py's, a checkpoint's, test.py's): DATASET is one of
     DATASETS, and TTA only where training flips the images: not for digits (a mirrored digit is no
     digit), nor where the run's augmentation is off (Fashion-MNIST's shoes all point one way; a model
-    that never saw them mirrored tested 85% with TTA against 93% without)."""
+    that never saw them mirrored tested 85% with TTA against 93% without); SHIFT 0 only where the
+    augmentation still flips; CUTOUT only with augmentation."""
     dataset = c.get("dataset")
     if dataset is None:
         return
