@@ -240,7 +240,8 @@ class FolderImages:
         self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(_rgb), resize,
-             *([transforms.RandomCrop(image_size, padding=image_size * shift // 32)] if shift else []),
+             *([transforms.RandomCrop(image_size, padding=folder_pad(image_size, shift))]
+               if shift else []),
              transforms.RandomHorizontalFlip(), *normalize,
              *([transforms.Lambda(functools.partial(erase_square, side=cutout))] if cutout else [])]))
         self.classes = classes
@@ -632,7 +633,7 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
         # Crop padding of SHIFT 32nds of the side (1/8 by default), as the DataLoader path pads its
         # image_size-sided images.
         data = DeviceImages(images.contiguous(), labels, classes, mean, std,
-                            c["image_size"], device, pad=min(w, h) * shift(c) // 32,
+                            c["image_size"], device, pad=folder_pad(min(w, h), shift(c)),
                             cutout=c.get("cutout", 0.0))
         data.paths = [p for p in paths if p not in bad_paths]
         return data
@@ -795,6 +796,11 @@ def shift(c: dict) -> int:
     """The random crops' largest shift (SHIFT): pixels of a 28 or 32 px image, 32nds of a folder
     image's side; 0: the flips alone."""
     return c.get("shift", SHIFT)
+
+
+def folder_pad(side: int, shift: int) -> int:
+    """A folder image's crop padding: `shift` 32nds of its side (1/8 for the default 4)."""
+    return side * shift // 32
 
 
 def epoch_batches(data, c: dict, epoch: int, from_step: int, steps: int,

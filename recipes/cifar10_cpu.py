@@ -5,7 +5,8 @@
 
 VGG16_bn at a quarter of its width on 32 px inputs, 30 epochs with flips and crops that shift
 by up to 2 px (SHIFT), each validation and test image scored with its mirror image (TTA).
-DATA_DIR below is where the folder is looked for when no --data-dir is typed. Every try behind these values: docs/recipes.md.
+DATA_DIR below is where the folder is looked for when no --data-dir is typed. Every try behind
+these values: docs/recipes.md.
 """
 DATASET = "folder"
 DATA_DIR = "data/cifar10-jpeg"
