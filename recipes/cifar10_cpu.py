@@ -1,5 +1,5 @@
 """CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: about 86% (85.84% in one run;
-85.1-85.7% with 4 px shifts) in about 17 to 30 minutes (README, "Running on a CPU").
+85.1-85.7% with 4 px shifts) in about 17 to 30 minutes (README, "No GPU? A first run on the CPU").
 
     python train.py recipes/cifar10_cpu.py --data-dir "$DATA_DIR/cifar10-jpeg"
 
