@@ -1,5 +1,5 @@
-"""CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: about 86.5% (86.65% in one run) in
-about 16 to 30 minutes (README, "No GPU? A first run on the CPU").
+"""CIFAR-10 (the JPEG copy, class folders) on a 2-core CPU: about 86.7% (86.65-86.70% in two runs)
+in about 16 to 30 minutes (README, "No GPU? A first run on the CPU").
 
     python train.py recipes/cifar10_cpu.py --data-dir "$DATA_DIR/cifar10-jpeg"
 
