@@ -192,19 +192,20 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # later". A constant of a script's block not listed here is a typo; one listed but missing was
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
-    "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images val_fraction tta depth "
+    "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images val_fraction tta "
+                 "tta_shift depth "
                  "width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult epochs batch_size "
                  "optimizer lr momentum nesterov weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
                  "compile "
                  "seed save_dir keep save_every_minutes log_every").split(),
     "test.py": ("checkpoint show show_all grid grid_seed cam mistakes out image invert top_k "
-                "batch_size device amp tta skip_bad_images data_dir").split(),
+                "batch_size device amp tta tta_shift skip_bad_images data_dir").split(),
     "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
                  "device amp compile quick json").split(),
 }
 NONE_ALLOWED = {"train.py": {"pretrained"},
-                "test.py": {"grid_seed", "out", "image", "amp", "data_dir"},
+                "test.py": {"grid_seed", "out", "image", "amp", "data_dir", "tta_shift"},
                 "bench.py": {"workers", "json"}}
 
 
@@ -299,7 +300,7 @@ MAX_IMAGE_SIZE = 2048
 
 INT_SETTINGS = ("image_size", "shift", "workers", "depth", "width_div", "epochs", "batch_size",
                 "step_epochs", "seed", "keep", "log_every", "show", "grid", "grid_seed", "top_k",
-                "steps", "warmup", "freeze_epochs", "cam", "mistakes")
+                "steps", "warmup", "freeze_epochs", "cam", "mistakes", "tta_shift")
 
 
 FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", "step_gamma",
@@ -396,6 +397,8 @@ def check_config(c: dict) -> None:
     need("augment", lambda v: v in ("auto", "on", "off"),
          "--augment must be auto, on or off, got {!r}")
     need("shift", lambda v: 0 <= v <= 16, "--shift must be from 0 to 16 pixels (0: flips only), got {}")
+    need("tta_shift", lambda v: 0 <= v <= 8,
+         "--tta-shift must be from 0 to 8 32nds of the side (0: mirror images only), got {}")
     need("keep", lambda v: v >= 0, "--keep must be >= 0 (0 keeps all), got {}")
     need("warmup_epochs", lambda v: v >= 0, "--warmup-epochs must be >= 0, got {}")
     need("save_every_minutes", lambda v: v >= 0, "--save-every-minutes must be >= 0, got {}")

@@ -66,7 +66,7 @@ def check_settings(c: dict) -> None:
     DATASETS, and TTA only where training flips the images: not for digits (a mirrored digit is no
     digit), nor where the run's augmentation is off (Fashion-MNIST's shoes all point one way; a model
     that never saw them mirrored tested 85% with TTA against 93% without); SHIFT 0 only where the
-    augmentation still flips; CUTOUT only with augmentation."""
+    augmentation still flips; CUTOUT only with augmentation; TTA_SHIFT only with TTA."""
     dataset = c.get("dataset")
     if dataset is None:
         return
@@ -84,6 +84,9 @@ def check_settings(c: dict) -> None:
         raise UserError(f"--tta averages each image with its mirror image, which training never "
                         f"showed: augmentation (crops and flips) is off for {dataset} (--augment "
                         f"{c['augment']}): train with --augment on, or use --tta off")
+    if c.get("tta_shift") and c.get("tta") is not True:
+        raise UserError(f"--tta-shift {c['tta_shift']} adds moved images to the mirror images of "
+                        f"--tta, which is off: add --tta, or give --tta-shift 0")
     if c.get("cutout") and augment_off:
         raise UserError(f"--cutout is part of the training images' augmentation, which is off "
                         f"for {dataset} (--augment {c['augment']}): add --augment on")
@@ -749,12 +752,30 @@ def load_train_val(c: dict, device: torch.device, in_memory: bool | None = None)
     return Subset(train, train_idx), Subset(train, val_idx)
 
 
-def predict(model, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def predict(model, x: torch.Tensor, tta: bool = False, shift: int = 0) -> torch.Tensor:
     """The model's logits for a batch; with tta, the mean of the logits of each image and of its
     mirror image (test-time augmentation: the net sees both views of a picture it was trained on
-    with flips)."""
+    with flips), and with a shift as well those of the image moved by `shift` 32nds of its side
+    down and right, and up and left, each with its mirror image: six views."""
     logits = model(x)
-    return (logits + model(x.flip(3))) / 2 if tta else logits
+    if not tta:
+        return logits
+    if not shift:
+        return (logits + model(x.flip(3))) / 2
+    logits = logits + model(x.flip(3))
+    for d in (shift, -shift):
+        moved = move(x, round(d * x.shape[-1] / 32))
+        logits = logits + model(moved) + model(moved.flip(3))
+    return logits / 6
+
+
+def move(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x (B, C, h, w) moved d pixels down and d right (d < 0: up and left); the rows and columns
+    that come in repeat the nearest edge of the image."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h, device=x.device) - d).clamp_(0, h - 1)
+    cols = (torch.arange(w, device=x.device) - d).clamp_(0, w - 1)
+    return x.index_select(2, rows).index_select(3, cols)
 
 
 def normalization(c: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -8,6 +8,7 @@ your own images.
     python test.py --image my_digit.png photos/         # your own images (files or folders of them)
     python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
     python test.py --tta off                            # a model trained with --tta, plain logits
+    python test.py --tta on --tta-shift 1               # + mirror and moved images (6 views)
 
 On the test split it prints predicted against actual labels, the accuracy, a per-class table
 (precision, recall, F1) and the confusion matrix, and writes confusion.png, predictions.png, cam.png
@@ -65,6 +66,8 @@ DEVICE = "auto"          # auto | cuda | cuda:1 | npu | mps | cpu
 AMP = None               # mixed precision; None: the checkpoint's setting
 TTA = "auto"             # auto | on | off: average the logits of each image and its mirror image;
                          # auto: as train.py evaluated (the checkpoint's TTA)
+TTA_SHIFT = None         # with TTA: also the images moved this many 32nds of their side (as
+                         # train.py's TTA_SHIFT); None: the checkpoint's
 SKIP_BAD_IMAGES = False  # folder test split: leave out unreadable image files (else they stop the
                          # run)
 DATA_DIR = None          # dataset root; None: the one used for training while it exists, else
@@ -76,7 +79,7 @@ FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "cam": {"metavar": 
          "grid_seed": {"type": int, "metavar": "SEED"}, "out": {"metavar": "DIR"},
          "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
          "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
-         "tta": {"choices": ("auto", "on", "off")}}
+         "tta": {"choices": ("auto", "on", "off")}, "tta_shift": {"type": int, "metavar": "N"}}
 
 def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
@@ -97,14 +100,16 @@ def load_model(path, device):
 
 
 @torch.inference_mode()
-def predict_logits(model, batches, device, amp, tta: bool = False) -> torch.Tensor:
+def predict_logits(model, batches, device, amp, tta: bool = False,
+                   shift: int = 0) -> torch.Tensor:
     """Logits (float32, on the CPU) of every image of `batches`, in order (tta: averaged with
-    those of the mirror image). Softmax is left to the caller."""
+    those of the mirror image, and with a shift with those of the moved images: imagedata.predict).
+    Softmax is left to the caller."""
     model.eval()
     logits = []
     for x, _ in batches:
         with devices.autocast(device, amp):
-            logits.append(imagedata.predict(model, x, tta).float().cpu())
+            logits.append(imagedata.predict(model, x, tta, shift).float().cpu())
     return torch.cat(logits)
 
 
@@ -191,7 +196,7 @@ def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
     """The printed report and the pictures for the test split `data`."""
     classes = [plots.printable(name) for name in ckpt["classes"]]
     logits = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
-                            device, amp, c["tta"])
+                            device, amp, c["tta"], c["tta_shift"])
     preds, labels = logits.argmax(1), data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
@@ -382,7 +387,8 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             batches = list(imagedata.DeviceImages(
                 x, torch.zeros(len(x), dtype=torch.long), classes, mean, std, c["image_size"],
                 device).batches(torch.arange(len(x)), len(x)))
-        probs = torch.softmax(predict_logits(model, batches, device, amp, c["tta"]), dim=1)
+        logits = predict_logits(model, batches, device, amp, c["tta"], c["tta_shift"])
+        probs = torch.softmax(logits, dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
         for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):
             top = ", ".join(f'"{classes[k]}" {p:.2%}' for p, k in zip(ps, ks))
@@ -430,8 +436,12 @@ def main() -> None:
     c["skip_bad_images"] = args.skip_bad_images
     amp = devices.amp_dtype(device, args.amp or c["amp"])
     c["tta"] = c["tta"] if args.tta == "auto" else args.tta == "on"
+    # the checkpoint's shift goes with its mirror images; a typed one is checked against --tta
+    shift = c.get("tta_shift", 0) if args.tta_shift is None else args.tta_shift
+    c["tta_shift"] = shift if c["tta"] or args.tta_shift is not None else 0
     imagedata.check_settings(c)
-    tta_note = ", logits averaged with the mirror image (tta)" if c["tta"] else ""
+    tta_note = (", logits averaged with the mirror image (tta)" if c["tta"] else "") + (
+        f" and the image moved by {c['tta_shift']}/32 of its side" if c["tta_shift"] else "")
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} "
           f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "
           f"trained {ckpt['epoch']} epoch(s){tta_note}")

@@ -61,6 +61,8 @@ VAL_FRACTION = 0.1        # share of train images held out to choose best.pth (0
                           # val/ wins
 TTA = False               # validation and test: average the logits of each image and its mirror
                           # image (fashion-mnist, cifar10, folder; the CIFAR-10 recipe: +1.8 points)
+TTA_SHIFT = 0             # with TTA: also the image moved this many 32nds of its side (1 px at 32
+                          # px) down-right and up-left, each mirrored too: 6 views, 3x the time
 # model
 DEPTH = 16                # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1             # divide every channel count by this (4 = a 'small VGG' for CPUs)
@@ -547,16 +549,17 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
 
 @torch.inference_mode()
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1,
-             tta: bool = False) -> tuple[float, float]:
+             tta: bool = False, tta_shift: int = 0) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole split; each process takes every world-th sample. With
-    tta, of the logits averaged over each image and its mirror image."""
+    tta, of the logits averaged over each image and its mirror image (and with tta_shift over the
+    moved images too: imagedata.predict)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
     correct = torch.zeros((), dtype=torch.long, device=device)
     indices = torch.arange(len(data))[rank::world]
     for x, y in data.batches(indices, batch_size):
         with devices.autocast(device, amp):
-            logits = imagedata.predict(model, x, tta)
+            logits = imagedata.predict(model, x, tta, tta_shift)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     loss_sum, correct = devices.sum_across([loss_sum.item(), correct.item()], device, world > 1)
@@ -654,12 +657,12 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
             for buf in module.buffers():
                 dist.broadcast(buf, 0)
     has_val = val_data is not None
-    batch, tta, model = 2 * c["batch_size"], c["tta"], state.evaluated
-    val_loss, val_acc = (evaluate(model, val_data, batch, device, amp, run.rank, run.world, tta)
+    batch, views, model = 2 * c["batch_size"], (c["tta"], c["tta_shift"]), state.evaluated
+    val_loss, val_acc = (evaluate(model, val_data, batch, device, amp, run.rank, run.world, *views)
                          if has_val else (math.nan, math.nan))
     # The test split is only reported: choosing the epoch on it would make its accuracy a biased
     # maximum.
-    test_loss, test_acc = evaluate(model, test_data, batch, device, amp, run.rank, run.world, tta)
+    test_loss, test_acc = evaluate(model, test_data, batch, device, amp, run.rank, run.world, *views)
     # the same values on every process (summed across them), so all stop together
     if not all(map(math.isfinite, (test_loss, *((val_loss,) if has_val else ())))):
         raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
@@ -724,7 +727,8 @@ def header(run: Run, state: TrainingState, n_train: int, n_val: int, n_test: int
     return (f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}: "
             f"{n_params:,} parameters | {c['dataset']} {n_train:,} train / {n_val:,} validation / "
             f"{n_test:,} test at {c['image_size']} px"
-            f"{', scored with mirror images (tta)' if c['tta'] else ''} | "
+            f"{', scored with mirror images (tta)' if c['tta'] else ''}"
+            f"{' and moved ones (tta-shift)' if c['tta'] and c['tta_shift'] else ''} | "
             f"{f'pretrained: {run.pretrained} | ' if run.pretrained else ''}"
             f"device {run.device}{f' x {world} processes' if run.distributed else ''}, "
             f"precision {str(run.amp).replace('torch.', '') if run.amp else 'fp32'} "

@@ -55,6 +55,10 @@ BAD_OPTIONS = [
      "never flipped): give --shift 1 or more, or --augment off"),
     (["--shift", "17"], "--shift must be from 0 to 16 pixels (0: flips only), got 17"),
     (["--shift", "1.5"], "argument --shift: invalid int value: '1.5'"),
+    (["--dataset", "cifar10", "--tta-shift", "1"], "--tta-shift 1 adds moved images to the mirror "
+     "images of --tta, which is off: add --tta, or give --tta-shift 0"),
+    (["--dataset", "cifar10", "--tta", "--tta-shift", "9"],
+     "--tta-shift must be from 0 to 8 32nds of the side (0: mirror images only), got 9"),
 ]
 
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import checkpoints
@@ -150,6 +151,27 @@ def test_tta_averages_the_logits_of_each_image_and_its_mirror_image():
         assert not torch.allclose(averaged, plain, rtol=1e-2, atol=0)
 
 
+@pytest.mark.quick
+def test_tta_shift_adds_the_images_moved_down_right_and_up_left_and_their_mirror_images():
+    torch.manual_seed(0)
+    model = net.vgg(16, num_classes=3, batch_norm=True, width_div=16).eval()
+    x = torch.randn(2, 3, 64, 64)
+    # moved 2 px (1/32 of 64) down and right: row i, column j shows the pixel (i - 2, j - 2), and
+    # the two rows and columns that come in repeat the top and left edges
+    down = F.pad(x, (2, 0, 2, 0), mode="replicate")[..., :64, :64]
+    up = F.pad(x, (0, 2, 0, 2), mode="replicate")[..., 2:, 2:]
+    assert torch.equal(down[:, :, 10, 20], x[:, :, 8, 18]) and torch.equal(down[:, :, 0, 1], x[:, :, 0, 0])
+    assert torch.equal(imagedata.move(x, 2), down) and torch.equal(imagedata.move(x, -2), up)
+    with torch.no_grad():
+        views = [x, down, up]
+        averaged = sum(model(v) + model(v.flip(3)) for v in views) / 6
+        got = imagedata.predict(model, x, tta=True, shift=1)
+        assert torch.allclose(got, averaged, rtol=1e-5, atol=1e-9)
+        assert not torch.allclose(got, imagedata.predict(model, x, tta=True), rtol=1e-2, atol=0)
+        # the shift only counts with the mirror images (check_settings refuses it without them)
+        assert torch.equal(imagedata.predict(model, x, shift=1), model(x))
+
+
 def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, monkeypatch, capsys):
     """--tta: validation (which chooses best.pth) and test are scored on mirror-averaged logits; test.py
     does the same for such a checkpoint (--tta auto) and prints the accuracy train.py's evaluate gives;
@@ -157,10 +179,10 @@ def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, mon
     data = make_folder(tmp_path / "data", n_train=60, n_test=30)
     save = tmp_path / "save"
     run_train_in_process(monkeypatch, *TINY, "--dataset", "folder", "--batch-size", "8", "--epochs", "4", "--tta",
-                         "--amp", "off",
+                         "--tta-shift", "2", "--amp", "off",
                          "--data-dir", data, "--save-dir", save)
     ckpt = load(save / "last.pth")
-    assert ckpt["config"]["tta"] is True
+    assert ckpt["config"]["tta"] is True and ckpt["config"]["tta_shift"] == 2
     c = ckpt["config"]
     model = net.build_model(c, 3)
     model.load_state_dict(ckpt["model"])
@@ -170,26 +192,32 @@ def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, mon
     with open(save / "metrics.csv", newline="") as f:
         row = list(csv.DictReader(f))[-1]
     for split, data_split in (("test", test_data), ("val", val_data)):
-        mirrored = train.evaluate(model, data_split, 32, cpu, None, tta=True)
+        mirrored = train.evaluate(model, data_split, 32, cpu, None, tta=True, tta_shift=2)
         plain = train.evaluate(model, data_split, 32, cpu, None)
         # metrics.csv keeps 6 decimals; the plain loss is further off than that (the patches of these
         # images run across their whole width, so a mirror image changes little)
         assert float(row[f"{split}_loss"]) == pytest.approx(mirrored[0], abs=2e-6), split
         assert abs(float(row[f"{split}_loss"]) - plain[0]) > 1e-5, split
-        if split == "test":
-            accuracy = {True: mirrored[1], False: plain[1]}
+        if split == "test":  # every view test.py is asked for below
+            accuracy = {(True, 2): mirrored[1], (False, 0): plain[1]}
+            accuracy |= {(True, k): train.evaluate(model, data_split, 32, cpu, None, tta=True, tta_shift=k)[1]
+                         for k in (0, 1)}
 
     spec = importlib.util.spec_from_file_location("test_script_tta", ROOT / "test.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     seen, predict = [], imagedata.predict
-    monkeypatch.setattr(imagedata, "predict", lambda m, x, tta=False: seen.append(tta) or predict(m, x, tta))
-    old = {k: v for k, v in ckpt["config"].items() if k != "tta"}  # a file from before the setting
+    monkeypatch.setattr(imagedata, "predict",
+                        lambda m, x, tta=False, shift=0: seen.append((tta, shift)) or predict(m, x, tta, shift))
+    # a file from before the settings
+    old = {k: v for k, v in ckpt["config"].items() if k not in ("tta", "tta_shift")}
     checkpoints.save({k: v for k, v in ckpt.items() if k != "format"} | {"config": old},
                      save / "old.pth")
     capsys.readouterr()
-    for name, flags, expected in (("last.pth", [], True), ("last.pth", ["--tta", "off"], False),
-                                  ("old.pth", [], False), ("old.pth", ["--tta", "on"], True)):
+    for name, flags, expected in (("last.pth", [], (True, 2)), ("last.pth", ["--tta", "off"], (False, 0)),
+                                  ("last.pth", ["--tta-shift", "0"], (True, 0)),
+                                  ("old.pth", [], (False, 0)), ("old.pth", ["--tta", "on"], (True, 0)),
+                                  ("old.pth", ["--tta", "on", "--tta-shift", "1"], (True, 1))):
         seen.clear()
         monkeypatch.setattr("sys.argv", ["test.py", "--checkpoint", str(save / name), "--data-dir", str(data),
                                          "--device", "cpu", "--grid", "0", *flags])
@@ -197,7 +225,7 @@ def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, mon
         out = capsys.readouterr().out
         assert seen and set(seen) == {expected}, (name, flags)
         header = next(line for line in out.splitlines() if line.startswith(str(save / name)))
-        assert ("(tta)" in header) == expected
+        assert ("(tta)" in header) == expected[0] and ("moved" in header) == bool(expected[1])
         correct = round(accuracy[expected] * 30)
         assert f"test accuracy: {correct}/30 = {correct / 30:.2%}" in out, (name, flags)
 
