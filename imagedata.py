@@ -760,9 +760,9 @@ def predict(model, x: torch.Tensor, tta: bool = False, shift: int = 0) -> torch.
     logits = model(x)
     if not tta:
         return logits
-    if not shift:
-        return (logits + model(x.flip(3))) / 2
     logits = logits + model(x.flip(3))
+    if not shift:
+        return logits / 2
     for d in (shift, -shift):
         moved = move(x, round(d * x.shape[-1] / 32))
         logits = logits + model(moved) + model(moved.flip(3))
