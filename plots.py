@@ -36,15 +36,18 @@ def plot_curves(csv_path, png_path) -> None:
         epochs = [int(r["epoch"]) for r in rows]
         fig = Figure(figsize=(7, 2.8), dpi=100, layout="constrained")
         ax_loss, ax_acc = fig.subplots(1, 2)
-        # A run without a validation split (or one begun before them) has no or empty val_ columns.
+        # A run without a validation split (or one begun before them) has no or empty val_ columns;
+        # one with TEST_EVERY_EPOCH off empty test_ columns (also in only some rows, after --resume
+        # with it changed): each split is drawn at the epochs that have it.
         has_val = bool(rows) and all(r.get("val_acc") for r in rows)
         for split, marker in (("train", "o"), ("val", "^"), ("test", "s")):
-            if split == "val" and not has_val:
+            scored = [(e, r) for e, r in zip(epochs, rows) if r.get(f"{split}_acc")]
+            if not scored or split == "val" and not has_val:
                 continue
-            ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker=marker,
-                         label=split)
-            ax_acc.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], marker=marker,
-                        label=split)
+            ax_loss.plot([e for e, _ in scored], [float(r[f"{split}_loss"]) for _, r in scored],
+                         marker=marker, label=split)
+            ax_acc.plot([e for e, _ in scored], [100 * float(r[f"{split}_acc"]) for _, r in scored],
+                        marker=marker, label=split)
         for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
             ax.set(xlabel="epoch", ylabel=name)
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
@@ -53,10 +56,11 @@ def plot_curves(csv_path, png_path) -> None:
         # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
         if has_val:
             best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
+            test = rows[best]["test_acc"]
             fig.suptitle(f"best.pth: epoch {epochs[best]}, "
-                         f"validation {float(rows[best]['val_acc']):.2%}, "
-                         f"test {float(rows[best]['test_acc']):.2%}", fontsize=10)
-        elif rows:
+                         f"validation {float(rows[best]['val_acc']):.2%}"
+                         f"{f', test {float(test):.2%}' if test else ''}", fontsize=10)
+        elif rows and rows[-1]["test_acc"]:
             fig.suptitle(f"last epoch {epochs[-1]}: "
                          f"test accuracy {float(rows[-1]['test_acc']):.2%}", fontsize=10)
         fig.savefig(tmp)

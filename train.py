@@ -11,6 +11,7 @@
 Then `python test.py` reloads save_model/best.pth and shows predicted against actual labels.
 """
 
+import copy
 import math
 import os
 import shlex
@@ -63,6 +64,8 @@ TTA = False               # validation and test: average the logits of each imag
                           # image (fashion-mnist, cifar10, folder; the CIFAR-10 recipe: +1.8 points)
 TTA_SHIFT = 0             # with TTA: also the image moved this many 32nds of its side (1 px at 32
                           # px) down-right and up-left, each mirrored too: 6 views, 3x the time
+TEST_EVERY_EPOCH = True   # score the test split after every epoch (metrics.csv, curves.png); False:
+                          # only best.pth, once, after the last epoch (saves that time each epoch)
 # model
 DEPTH = 16                # VGG depth: 11 | 13 | 16 | 19
 WIDTH_DIV = 1             # divide every channel count by this (4 = a 'small VGG' for CPUs)
@@ -108,7 +111,7 @@ DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defin
 # Settings that do not change what is computed: on --resume these follow this invocation
 # (--epochs only when typed, to extend a run), every other one comes from the checkpoint.
 RUNTIME_KEYS = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep",
-                "save_every_minutes", "log_every", "epochs", "skip_bad_images")
+                "save_every_minutes", "log_every", "epochs", "skip_bad_images", "test_every_epoch")
 
 
 class Diverged(Exception):
@@ -656,15 +659,17 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         for module in dict.fromkeys([state.model, state.evaluated]):
             for buf in module.buffers():
                 dist.broadcast(buf, 0)
-    has_val = val_data is not None
+    has_val, has_test = val_data is not None, c["test_every_epoch"]
     batch, views, model = 2 * c["batch_size"], (c["tta"], c["tta_shift"]), state.evaluated
     val_loss, val_acc = (evaluate(model, val_data, batch, device, amp, run.rank, run.world, *views)
                          if has_val else (math.nan, math.nan))
     # The test split is only reported: choosing the epoch on it would make its accuracy a biased
     # maximum.
-    test_loss, test_acc = evaluate(model, test_data, batch, device, amp, run.rank, run.world, *views)
+    test_loss, test_acc = (evaluate(model, test_data, batch, device, amp, run.rank, run.world,
+                                    *views) if has_test else (math.nan, math.nan))
     # the same values on every process (summed across them), so all stop together
-    if not all(map(math.isfinite, (test_loss, *((val_loss,) if has_val else ())))):
+    scored = (val_loss,) * has_val + (test_loss,) * has_test
+    if not all(map(math.isfinite, scored)):
         raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
     seconds = time.perf_counter() - t0
     lr = state.optimizer.param_groups[-1]["lr"]  # the head's, when a fine-tune has two rates
@@ -679,12 +684,14 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         # goes last: if the run dies before it, --resume redoes this epoch, and the metrics row
         # written here is dropped again (see truncate_metrics).
         old_run.before_save()
-        weights = checkpoints.weights(ckpt, test_acc, val_acc if has_val else None)
+        weights = checkpoints.weights(ckpt, test_acc if has_test else None,
+                                      val_acc if has_val else None)
         checkpoints.save(weights, checkpoints.epoch_path(run.save_dir, epoch + 1))
         if is_best:
             checkpoints.save(weights, checkpoints.best_path(run.save_dir))
-        row = [epoch + 1, f"{train_loss:.6f}", f"{train_acc:.6f}", f"{test_loss:.6f}",
-               f"{test_acc:.6f}", f"{lr:.6g}", f"{seconds:.2f}", f"{totals.images / seconds:.1f}",
+        row = [epoch + 1, f"{train_loss:.6f}", f"{train_acc:.6f}",
+               f"{test_loss:.6f}" if has_test else "", f"{test_acc:.6f}" if has_test else "",
+               f"{lr:.6g}", f"{seconds:.2f}", f"{totals.images / seconds:.1f}",
                f"{val_loss:.6f}" if has_val else "", f"{val_acc:.6f}" if has_val else ""]
         checkpoints.append_metrics(run.save_dir / "metrics.csv",
                                    dict(zip(checkpoints.METRICS_FIELDS, row)))
@@ -694,11 +701,32 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
         checkpoints.rotate(run.save_dir, c["keep"])
     run.log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
             f"{f'val loss {val_loss:.4f} acc {val_acc:.2%} | ' if has_val else ''}"
-            f"test loss {test_loss:.4f} acc {test_acc:.2%} | lr {lr:.3g} | "
+            f"{f'test loss {test_loss:.4f} acc {test_acc:.2%} | ' if has_test else ''}"
+            f"lr {lr:.3g} | "
             f"{seconds:.1f} s, {totals.images / seconds:.0f} img/s{' | best' if is_best else ''}",
             flush=True)
     return {"train": (train_loss, train_acc), "val": (val_loss, val_acc) if has_val else None,
-            "test": (test_loss, test_acc)}
+            "test": (test_loss, test_acc) if has_test else None}
+
+
+def test_best(run: Run, state: TrainingState, test_data) -> tuple[float, float] | None:
+    """Without TEST_EVERY_EPOCH: the test split scored once, on best.pth's weights, by rank 0 alone
+    (the save folder may be its own); the result is said and stored in best.pth. None where there
+    is no best.pth."""
+    path = checkpoints.best_path(run.save_dir)
+    if not run.master or not path.exists():
+        return None
+    best = torch.load(path, map_location="cpu", weights_only=True)
+    model = copy.deepcopy(state.evaluated)  # the training state stays as it ended
+    model.load_state_dict(best["model"])
+    c = run.config
+    loss, acc = evaluate(model, test_data, 2 * c["batch_size"], run.device, run.amp,
+                         tta=c["tta"], tta_shift=c["tta_shift"])
+    del model
+    best["test_acc"] = acc
+    checkpoints.save(best, path)
+    run.log(f"best.pth (epoch {best['epoch']}): test loss {loss:.4f} acc {acc:.2%}")
+    return loss, acc
 
 
 @contextmanager
@@ -815,6 +843,8 @@ def main() -> tuple[TrainingState, dict]:
             results = finish_epoch(run, state, old_run, epoch, totals, val_data, test_data, t0)
             if run.master:
                 preemption.saved()
+        if not c["test_every_epoch"]:
+            results["best_test"] = test_best(run, state, test_data)
 
     chosen = (f"best.pth has the best validation accuracy, {state.best_acc:.2%}"
               if val_data is not None else "best.pth is the last epoch")

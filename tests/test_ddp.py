@@ -194,7 +194,17 @@ def test_test_script_loads_the_checkpoint(ddp_run):
 def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_run, tmp_path):
     straight, data, _, _ = ddp_run
     save, single = tmp_path / "save", tmp_path / "single"
-    ok(torchrun(tmp_path, *RUN, "--epochs", "1", "--data-dir", data, "--save-dir", save, record=False))
+    # without the per-epoch test: rank 0 alone tests best.pth at the end, while the others finish
+    first = ok(torchrun(tmp_path, *RUN, "--epochs", "1", "--no-test-every-epoch", "--data-dir", data,
+                        "--save-dir", save, record=False))
+    best = load(save / "best.pth")
+    model = net.build_model(best["config"], 10)
+    model.load_state_dict(best["model"])
+    loss, acc = train.evaluate(model, imagedata.load_split(best["config"], False, torch.device("cpu")), 64,
+                               torch.device("cpu"), None)
+    assert best["test_acc"] == pytest.approx(acc)
+    assert re.findall(r"^best\.pth \(epoch 1\): test loss ([\d.]+) acc ([\d.]+)%$", first.stdout, re.M) == [
+        (f"{loss:.4f}", f"{100 * acc:.2f}")]
     single.mkdir()
     for name in ("last.pth", "metrics.csv"):
         (single / name).write_bytes((save / name).read_bytes())

@@ -230,6 +230,36 @@ def test_tta_scores_every_epoch_and_test_py_follows_the_checkpoint(tmp_path, mon
         assert f"test accuracy: {correct}/30 = {correct / 30:.2%}" in out, (name, flags)
 
 
+def test_without_test_every_epoch_the_test_split_is_scored_once_on_best_pth(tmp_path, monkeypatch, capsys):
+    """--no-test-every-epoch: the epochs score only the validation split (metrics.csv's test columns and
+    the epoch files' test_acc stay empty); after the last epoch best.pth alone is tested, the accuracy
+    said on the console and stored in best.pth, the value train.evaluate gives for its weights."""
+    data = make_mnist(tmp_path / "data", n_train=320, n_test=96)
+    save = tmp_path / "save"
+    scored = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda m, d, *a, **k: scored.append(len(d)) or evaluate(m, d, *a, **k))
+    run_train_in_process(monkeypatch, *TINY, "--epochs", "3", "--keep", "0", "--amp", "off",
+                         "--no-test-every-epoch", "--data-dir", data, "--save-dir", save)
+    out = capsys.readouterr().out
+    assert scored == [32, 32, 32, 96]  # three validations, then one test
+    with open(save / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(r["test_acc"] == r["test_loss"] == "" and r["val_acc"] for r in rows)
+    assert all(load(save / f"epoch_{e:03d}.pth")["test_acc"] is None for e in (1, 2, 3))
+    assert (save / "curves.png").stat().st_size > 0
+    best = load(save / "best.pth")
+    c = best["config"]
+    assert c["test_every_epoch"] is False
+    model = net.build_model(c, 10)
+    model.load_state_dict(best["model"])
+    test_data = imagedata.load_split(c, False, torch.device("cpu"), classes=best["classes"])
+    loss, acc = evaluate(model, test_data, 64, torch.device("cpu"), None)
+    assert best["test_acc"] == pytest.approx(acc)
+    assert f"best.pth (epoch {best['epoch']}): test loss {loss:.4f} acc {acc:.2%}" in out
+    assert not any("test loss" in line for line in out.splitlines() if line.startswith("epoch "))
+
+
 def test_same_seed_same_weights(tmp_path, mnist_root):
     runs = []
     for name in ("a", "b"):

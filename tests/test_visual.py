@@ -91,6 +91,21 @@ def test_plot_curves_redraws_and_only_warns_on_failure(tmp_path, capsys):
     assert not (tmp_path / "other.png").exists()
 
 
+@pytest.mark.quick
+def test_plot_curves_draws_runs_that_tested_only_some_epochs(tmp_path, capsys):
+    """TEST_EVERY_EPOCH off leaves the test columns empty (in some rows only, after a --resume that
+    changed it): the curves are drawn all the same, the test curve at the epochs that have it."""
+    head = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_s,val_loss,val_acc\n"
+    for tested in ((), (1, 2)):
+        rows = "".join(f"{e},{1 / e:.3f},{0.8 + e / 100},"
+                       + (f"{1.2 / e:.3f},{0.7 + e / 100}" if e in tested else ",")
+                       + f",0.01,10.0,100.0,{1.1 / e:.3f},{0.75 + e / 100}\n" for e in (1, 2, 3))
+        (tmp_path / "metrics.csv").write_text(head + rows)
+        out = tmp_path / f"curves{len(tested)}.png"
+        plots.plot_curves(tmp_path / "metrics.csv", out)
+        assert is_png(out) and "warning" not in capsys.readouterr().err, tested
+
+
 # ----------------------------------------------------------------------------------- test.py, test split
 
 def test_pictures_are_written_next_to_the_checkpoint(trained, split_run):
