@@ -712,13 +712,18 @@ def finish_epoch(run: Run, state: TrainingState, old_run: checkpoints.OldRun, ep
 def test_best(run: Run, state: TrainingState, test_data) -> tuple[float, float] | None:
     """Without TEST_EVERY_EPOCH: the test split scored once, on best.pth's weights, by rank 0 alone
     (the save folder may be its own); the result is said and stored in best.pth. None where there
-    is no best.pth."""
+    is no best.pth, or it cannot be read (a warning; the file is left as it is)."""
     path = checkpoints.best_path(run.save_dir)
     if not run.master or not path.exists():
         return None
-    best = torch.load(path, map_location="cpu", weights_only=True)
-    model = copy.deepcopy(state.evaluated)  # the training state stays as it ended
-    model.load_state_dict(best["model"])
+    try:  # the file of this run, unless something outside it changed it
+        best = torch.load(path, map_location="cpu", weights_only=True)
+        model = copy.deepcopy(state.evaluated)  # the training state stays as it ended
+        model.load_state_dict(best["model"])
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        print(f"warning: could not test {path}: {reason}", file=sys.stderr)
+        return None
     c = run.config
     loss, acc = evaluate(model, test_data, 2 * c["batch_size"], run.device, run.amp,
                          tta=c["tta"], tta_shift=c["tta_shift"])

@@ -259,6 +259,15 @@ def test_without_test_every_epoch_the_test_split_is_scored_once_on_best_pth(tmp_
     assert f"best.pth (epoch {best['epoch']}): test loss {loss:.4f} acc {acc:.2%}" in out
     assert not any("test loss" in line for line in out.splitlines() if line.startswith("epoch "))
 
+    # --resume of the finished run tests best.pth again; a best.pth that cannot be read is said in one
+    # line, and left as it is
+    (save / "best.pth").write_bytes(b"not a checkpoint")
+    run_train_in_process(monkeypatch, *TINY, "--epochs", "3", "--resume", "--no-test-every-epoch",
+                         "--data-dir", data, "--save-dir", save)
+    captured = capsys.readouterr()
+    assert f"warning: could not test {save / 'best.pth'}: " in captured.err
+    assert (save / "best.pth").read_bytes() == b"not a checkpoint"
+
 
 def test_same_seed_same_weights(tmp_path, mnist_root):
     runs = []
