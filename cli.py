@@ -193,8 +193,8 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
     "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images val_fraction tta "
-                 "tta_shift test_every_epoch depth width_div batch_norm dropout pretrained freeze_epochs backbone_lr_mult "
-                 "epochs batch_size optimizer lr momentum nesterov weight_decay "
+                 "tta_shift test_every_epoch depth width_div batch_norm dropout pretrained freeze_epochs "
+                 "backbone_lr_mult epochs batch_size optimizer lr momentum nesterov weight_decay "
                  "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
                  "compile "
                  "seed save_dir keep save_every_minutes log_every").split(),
