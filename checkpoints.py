@@ -46,7 +46,8 @@ METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 #   3: config gains "ema_decay" and "nesterov"; last.pth gains "ema" (the averaged weights, or None).
 #   4: config gains "cutout".
 #   5: config gains "shift".
-FORMAT = 5
+#   6: config gains "small_map_lr".
+FORMAT = 6
 
 
 def last_path(save_dir) -> Path:
@@ -130,6 +131,8 @@ def upgrade(ckpt: dict, path) -> dict:
         ckpt["config"].setdefault("cutout", 0.0)  # before cutout: none
     if version < 5:
         ckpt["config"].setdefault("shift", 4)     # before SHIFT: 4 px (folders: 1/8 of the side)
+    if version < 6:
+        ckpt["config"].setdefault("small_map_lr", False)  # before SMALL_MAP_LR: every weight at LR
     ckpt["format"] = FORMAT
     return ckpt
 

@@ -192,12 +192,12 @@ def parse_config(defaults: dict, source_file: str, description: str, argv=None,
 # later". A constant of a script's block not listed here is a typo; one listed but missing was
 # renamed or deleted: both are one line naming the setting before anything runs.
 SCRIPT_SETTINGS = {
-    "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images val_fraction tta "
-                 "tta_shift test_every_epoch depth width_div batch_norm dropout pretrained freeze_epochs "
-                 "backbone_lr_mult epochs batch_size optimizer lr momentum nesterov weight_decay "
-                 "label_smoothing schedule warmup_epochs step_epochs step_gamma ema_decay device amp "
-                 "compile "
-                 "seed save_dir keep save_every_minutes log_every").split(),
+    "train.py": ("dataset data_dir image_size augment shift cutout workers skip_bad_images "
+                 "val_fraction tta tta_shift test_every_epoch depth width_div batch_norm dropout "
+                 "pretrained freeze_epochs backbone_lr_mult epochs batch_size optimizer lr "
+                 "momentum nesterov weight_decay small_map_lr label_smoothing schedule "
+                 "warmup_epochs step_epochs step_gamma ema_decay device amp compile seed "
+                 "save_dir keep save_every_minutes log_every").split(),
     "test.py": ("checkpoint show show_all grid grid_seed cam mistakes out image invert top_k "
                 "batch_size device amp tta tta_shift skip_bad_images data_dir").split(),
     "bench.py": ("dataset data_dir image_size batch_size width_div batch_norm steps warmup workers "
@@ -308,7 +308,7 @@ FLOAT_SETTINGS = ("dropout", "lr", "momentum", "weight_decay", "warmup_epochs", 
 
 
 BOOL_SETTINGS = ("batch_norm", "compile", "skip_bad_images", "show_all", "quick",
-                 "tta", "nesterov", "test_every_epoch")
+                 "tta", "nesterov", "test_every_epoch", "small_map_lr")
 
 
 PATH_SETTINGS = {"data_dir": "--data-dir (or DATA_DIR)", "save_dir": "--save-dir",

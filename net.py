@@ -108,6 +108,16 @@ class VGG(nn.Module):
         return self.classifier(x)   # (B, num_classes) logits
 
 
+def pool_copies(image_size: int) -> float:
+    """How many of the pool's 7x7 outputs each value of the last map feeds, weighted by the bins'
+    averages: 49 for the 1x1 map of 32-63 px inputs, 12.25 for 64 px's 2x2, (7 / side)^2 on
+    average below 7x7, and 1 from 224 px on (a larger map is averaged, not copied). So SGD at one
+    rate moves the first Linear that many times as fast as a layer that sees each value once
+    (SMALL_MAP_LR in train.py corrects for it)."""
+    side = image_size // 32  # five 2x2 pools, each rounding down
+    return max(1.0, 49 / side ** 2)
+
+
 # Devices whose adaptive average pool only takes sizes where one side divides the other (pytorch
 # issue 143864): on MPS, 7x7 from a 2x2 .. 6x6 or 8x8 map (64-223 px and 256 px inputs) fails.
 DIVISIBLE_POOL_ONLY = ("mps",)

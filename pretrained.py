@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import net
 from errors import UserError
 from imagedata import normalization
 
@@ -25,6 +26,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The head: the last Linear, the only tensors a fine-tune may replace.
 HEAD = ("classifier.6.weight", "classifier.6.bias")
+FIRST_LINEAR = "classifier.0.weight"  # the weight that sees the pool's copies
 
 
 def model_name(c: dict) -> str:
@@ -216,14 +218,20 @@ def train_mode(model: torch.nn.Module, frozen: bool) -> None:
 def parameter_groups(model: torch.nn.Module, c: dict, lr: float) -> list[dict]:
     """The optimizer's groups: weights decayed, biases and BatchNorm parameters not (as in the
     official recipes' --norm-weight-decay 0); with PRETRAINED, the pretrained body at lr x
-    BACKBONE_LR_MULT and the head at lr."""
+    BACKBONE_LR_MULT and the head at lr. With SMALL_MAP_LR, below 224 px the first Linear's weight
+    at lr / net.pool_copies and its weight decay times them: the pool hands it that many copies of
+    each value, so the layer computes with its weight summed over them, and that sum then trains
+    at lr (decay included) instead of that many times faster. The head's groups come last."""
     pretrained = c.get("pretrained") is not None
+    copies = net.pool_copies(c["image_size"]) if c.get("small_map_lr") else 1.0
     groups = {}
     for name, p in model.named_parameters():
         part = "head" if is_head(name) or not pretrained else "body"
         decay = p.ndim > 1
-        groups.setdefault((part, decay), []).append(p)
+        share = copies if name == FIRST_LINEAR else 1.0
+        groups.setdefault((part, decay, share), []).append(p)
     mult = {"head": 1.0, "body": c.get("backbone_lr_mult", 1.0)}
-    return [{"params": params, "weight_decay": c["weight_decay"] if decay else 0.0,
-             "lr": lr * mult[part], "lr_mult": mult[part]}
-            for (part, decay), params in sorted(groups.items(), key=lambda kv: kv[0][0] == "head")]
+    return [{"params": params, "weight_decay": c["weight_decay"] * share if decay else 0.0,
+             "lr": lr * mult[part] / share, "lr_mult": mult[part] / share}
+            for (part, decay, share), params in sorted(
+                groups.items(), key=lambda kv: (kv[0][0] == "head", kv[0][2] == 1.0))]

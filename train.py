@@ -83,6 +83,10 @@ LR = 0.02                 # peak learning rate (for BATCH_SIZE 128 on one proces
 MOMENTUM = 0.9            # SGD momentum (AdamW: beta1)
 NESTEROV = False          # SGD: Nesterov momentum (the gradient taken one momentum step ahead)
 WEIGHT_DECAY = 5e-4       # L2 penalty, applied by the optimizer
+SMALL_MAP_LR = False      # below 224 px the pool copies each value of the last map for the first
+                          # Linear (49 times below 64 px), which then learns that many times faster
+                          # than LR says (torchvision's recipe); True: its weight at LR / the copies
+                          # and WEIGHT_DECAY x them, so the layer moves at LR
 LABEL_SMOOTHING = 0.0     # the training loss aims at 1 - this for the true class (0.1 is common;
                           # 0 = off); validation and test losses are plain cross-entropy
 SCHEDULE = "cosine"       # cosine | linear | step | constant: the rate after the warm-up (cosine and

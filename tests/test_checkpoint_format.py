@@ -50,6 +50,7 @@ def test_a_checkpoint_from_before_the_format_key_gets_its_run_s_values(tmp_path)
     assert (ckpt["world"], ckpt["best_acc"], ckpt["folder_in_memory"]) == (1, 0.0, None)
     assert (ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["config"]["cutout"],
             ckpt["ema"], ckpt["config"]["shift"]) == (0.0, False, 0.0, None, 4)
+    assert ckpt["config"]["small_map_lr"] is False  # every weight at LR, as those runs trained
 
 
 @pytest.mark.parametrize("version", ["2", 99, None])

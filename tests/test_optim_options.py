@@ -1,9 +1,11 @@
 """The options of the short CPU recipes: a moving average of the weights (EMA_DECAY), Nesterov momentum
-(NESTEROV), the linear schedule (SCHEDULE = "linear") and cutout (CUTOUT). Runs use the 1,024-image
-MNIST (or a small image folder) and a 1/16-width VGG16 at 32 px, so each takes seconds."""
+(NESTEROV), the linear schedule (SCHEDULE = "linear"), cutout (CUTOUT) and the first Linear's rate
+below 64 px (SMALL_MAP_LR). Runs use the 1,024-image MNIST (or a small image folder) and a 1/16-width
+VGG16 at 32 px, so each takes seconds."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoints
 import net
@@ -114,12 +116,84 @@ def test_the_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # after the last step
 
 
+def optimizer_config(**more) -> dict:
+    return tiny_config(**{"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                          "weight_decay": 5e-4, "pretrained": None, "small_map_lr": True, **more})
+
+
+@pytest.mark.parametrize("small_map_lr", [True, False])
+def test_below_64_px_the_first_linear_moves_at_the_rate_lr_says(small_map_lr):
+    """At 32 px the last map is 1x1 and the pool hands the first Linear 49 copies of each value: the
+    layer computes with its weight summed over the 49 positions, and each position gets that sum's
+    gradient, so at the plain rate one step moves the sum 49 times as far as LR says (False:
+    torchvision's recipe). SMALL_MAP_LR gives that weight LR / 49 and WEIGHT_DECAY x 49: the sum
+    takes the step of a layer of its own at LR, decay included; every other group keeps LR."""
+    import train
+    torch.manual_seed(0)
+    c = optimizer_config(small_map_lr=small_map_lr)
+    model = net.build_model(c, 10)
+    optimizer = train.make_optimizer(model, c)
+    first = model.classifier[0]
+
+    def summed() -> torch.Tensor:
+        return first.weight.detach().unflatten(1, (-1, 49)).sum(2).double()
+
+    before = summed()
+    F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
+    grad = first.weight.grad.unflatten(1, (-1, 49))
+    assert torch.equal(grad, grad[:, :, :1].expand_as(grad))  # the same at every position
+    optimizer.step()
+    copies = 1 if small_map_lr else 49
+    expected = before - 0.1 * (copies * grad[:, :, 0].double() + 5e-4 * before)
+    assert torch.allclose(summed(), expected, rtol=1e-5, atol=1e-7)
+    assert (summed() - before).abs().max() > 1e-4  # the step moved it
+    others = [g for g in optimizer.param_groups if all(p is not first.weight for p in g["params"])]
+    assert {g["lr"] for g in others} == {0.1}
+    assert optimizer.param_groups[-1]["lr"] == 0.1  # the rate each epoch's line says
+
+
+@pytest.mark.parametrize("size, copies", [(32, 49), (63, 49), (64, 12.25), (160, 49 / 25),
+                                          (224, 1), (320, 1)])
+def test_the_first_linear_s_rate_follows_the_copies_the_pool_makes(size, copies):
+    """(7 / side)^2 copies of each value of a side x side map below 7x7 (64 px: 2x2, 12.25 each,
+    the weights of nn.AdaptiveAvgPool2d's bins summed); from 224 px the pool averages and the
+    weight trains at LR like every other."""
+    import train
+    c = optimizer_config(image_size=size)
+    model = net.build_model(c, 10)
+    first = model.classifier[0].weight
+    groups = train.make_optimizer(model, c).param_groups
+    mine = [g for g in groups if any(p is first for p in g["params"])]
+    assert len(mine) == 1 and mine[0]["lr"] == pytest.approx(0.1 / copies)
+    assert mine[0]["weight_decay"] == pytest.approx(5e-4 * copies)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_small_map_lr_reaches_the_run_and_a_resumed_run_keeps_it_exactly(data, tmp_path):
+    """--small-map-lr is stored in the run's config, so --resume goes on with the same groups
+    (their rates rebuilt from the setting, not from LR alone): 1 + 1 epochs equal 2 straight."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_script("train.py", *RUN, "--small-map-lr", "--data-dir", data, "--save-dir", straight,
+               check=True)
+    run_script("train.py", *RUN, "--small-map-lr", "--epochs", "1", "--data-dir", data,
+               "--save-dir", split, check=True)
+    run_script("train.py", "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", split,
+               check=True)
+    last, resumed = load(straight / "last.pth"), load(split / "last.pth")
+    assert last["config"]["small_map_lr"] is True and resumed["config"]["small_map_lr"] is True
+    assert sorted(g["initial_lr"] for g in resumed["optimizer"]["param_groups"]) == pytest.approx(
+        [0.05 / 49, 0.05, 0.05])  # the first Linear's weight, the other weights, the rest
+    assert not weight_differences(resumed["model"], last["model"])
+    assert not weight_differences(resumed["ema"], last["ema"])
+
 def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
     """A format-2 last.pth (no ema_decay, nesterov or ema) resumes as the run it was: plain momentum
     and no average."""
-    run_script("train.py", *TINY, "--data-dir", data, "--save-dir", tmp_path, check=True)
+    run_script("train.py", *TINY, "--no-small-map-lr", "--data-dir", data, "--save-dir", tmp_path,
+               check=True)
     ckpt = load(tmp_path / "last.pth")
     del ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["ema"]
+    del ckpt["config"]["small_map_lr"]
     ckpt["format"] = 2
     checkpoints.save(ckpt, tmp_path / "last.pth")
     run_script("train.py", "--resume", "--epochs", "2", "--data-dir", data, "--save-dir", tmp_path,
@@ -127,7 +201,8 @@ def test_a_run_saved_before_these_settings_resumes_without_them(data, tmp_path):
     resumed = load(tmp_path / "last.pth")
     assert resumed["format"] == checkpoints.FORMAT and resumed["ema"] is None
     assert (resumed["config"]["ema_decay"], resumed["config"]["nesterov"], resumed["config"]["cutout"],
-            resumed["config"]["shift"]) == (0.0, False, 0.0, 4)
+            resumed["config"]["shift"], resumed["config"]["small_map_lr"]) == (0.0, False, 0.0, 4, False)
+    assert {g["initial_lr"] for g in resumed["optimizer"]["param_groups"]} == {0.05}  # LR alone
     assert not any(g["nesterov"] for g in resumed["optimizer"]["param_groups"])
     assert resumed["epoch"] == 2
 
