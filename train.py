@@ -721,12 +721,11 @@ def test_best(run: Run, state: TrainingState, test_data) -> tuple[float, float] 
     if not run.master or not path.exists():
         return None
     try:  # the file of this run, unless something outside it changed it
-        best = torch.load(path, map_location="cpu", weights_only=True)
+        best = checkpoints.load(path)
         model = copy.deepcopy(state.evaluated)  # the training state stays as it ended
-        model.load_state_dict(best["model"])
-    except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        print(f"warning: could not test {path}: {reason}", file=sys.stderr)
+        checkpoints.load_model_state(model, best["model"], path)
+    except UserError as e:
+        print(f"warning: could not test {path}: {e}", file=sys.stderr)
         return None
     c = run.config
     loss, acc = evaluate(model, test_data, 2 * c["batch_size"], run.device, run.amp,
