@@ -9,8 +9,8 @@ Nesterov momentum and a moving average of the weights (EMA_DECAY), label smoothi
 dropout. With --epochs 54 it reached 87.24% in 29.5 minutes, and 87.79% scored afterwards by
 `python test.py --tta-shift 1` (each test image also moved by a pixel: six views); with
 --epochs 54 --shift 3 --no-test-every-epoch (the test split scored only on best.pth, at the end)
-three seeds gave 87.39-88.09% that way, in 26.5 minutes. DATA_DIR below is where the folder is looked for when no --data-dir is typed. Every try behind these
-values: docs/recipes.md.
+three seeds gave 87.39-88.09% that way, in 26.5 minutes. DATA_DIR below is where the folder is
+looked for when no --data-dir is typed. Every try behind these values: docs/recipes.md.
 """
 DATASET = "folder"
 DATA_DIR = "data/cifar10-jpeg"
