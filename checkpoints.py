@@ -10,6 +10,7 @@ import csv
 import errno
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -436,13 +437,29 @@ def read_metrics(path: Path, header: list[str]) -> list[list[str]] | None:
     return rows
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): OWASP's
+# advice is to put a single quote before such a cell, and to quote every cell.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value) -> str:
+    """A value as a CSV cell that no spreadsheet runs: a text that a formula could start with (a
+    file or class named "=HYPERLINK(...)") gets a leading single quote; a plain number stays."""
+    text = str(value)
+    if text.startswith(FORMULA_START) and not PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 def write_csv(path: Path, rows: list[list[str]]) -> None:
     """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a
-    row."""
+    row. Every cell is quoted and neutralized (csv_cell), in every CSV the repo writes."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(rows)
+            csv.writer(f, quoting=csv.QUOTE_ALL).writerows([[csv_cell(v) for v in row]
+                                                           for row in rows])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

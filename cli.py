@@ -25,7 +25,13 @@ from errors import UserError  # noqa: F401 (the scripts import it from here too)
 
 def run_main(main):
     """Call main() and return what it returns; a UserError becomes `prog: error: message` on stderr
-    and exit code 2."""
+    and exit code 2. Characters the terminal's encoding lacks (a class named "café" under
+    PYTHONIOENCODING=ascii) are printed as escapes, never an error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text file (a test's capture)
+            pass
     try:
         return main()
     except UserError as e:

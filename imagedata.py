@@ -242,7 +242,7 @@ class FolderImages:
                             f"{list(classes_expected)}")
         self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
-            [transforms.Lambda(_rgb), resize,
+            [transforms.Lambda(rgb), resize,
              *([transforms.RandomCrop(image_size, padding=folder_pad(image_size, shift))]
                if shift else []),
              transforms.RandomHorizontalFlip(), *normalize,
@@ -290,7 +290,7 @@ class FolderImages:
     def raw(self, i: int):
         from PIL import Image
         with Image.open(self.eval_set.samples[i][0]) as im:
-            return _rgb(im)
+            return rgb(im)
 
     def leave_out(self, paths: set[str]) -> None:
         """Drop these files from the split (unreadable ones the user chose to skip)."""
@@ -371,14 +371,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return self.transform(_open_rgb(path)), label
+        return self.transform(open_rgb(path)), label
 
 
 def eval_transform(image_size: int, mean=DATASETS["folder"].mean, std=DATASETS["folder"].std):
     """A folder image (PIL, any mode) -> the normalized float (3, S, S) the network sees at
     evaluation; test.py --image applies it to your own pictures for folder models."""
     from torchvision import transforms
-    return transforms.Compose([transforms.Lambda(_rgb),
+    return transforms.Compose([transforms.Lambda(rgb),
                                transforms.Resize((image_size, image_size), antialias=True),
                                transforms.ToTensor(), transforms.Normalize(mean, std)])
 
@@ -426,26 +426,51 @@ class _BatchSampler(torch.utils.data.Sampler):
 
 
 def eight_bit(img):
-    """Grey images of more than 8 bits (mode I;16 or I: 16-bit PNG and TIFF scans) scaled to 8-bit
-    "L"; convert() would clip every value above 255 to white. Values that all fit in 8 bits are
-    kept."""
+    """Grey images of more than 8 bits (PIL's modes I;16* and I: 16-bit PNG and TIFF scans,
+    32-bit TIFF) as 8-bit "L", scaled by the bit depth the file declares (a 16-bit value v becomes
+    round(v / 257)), never by what the picture holds: two dim scans that differ in one pixel stay
+    alike. convert() would clip every value above 255 to white. Call it on a file just opened:
+    the depth is read from its decoder's raw mode, which loading the pixels discards."""
     if not img.mode.startswith("I"):
         return img
     import numpy as np
     from PIL import Image
-    wide = np.asarray(img, dtype=np.float64)
-    return Image.fromarray(
-        np.round(wide / (257 if wide.max() > 255 else 1)).clip(0, 255).astype(np.uint8))
+    bits = bit_depth(img)
+    wide = np.asarray(img).astype(np.int64 if bits > 16 else np.uint32)
+    # v x 255 / (2^bits - 1), rounded, in integers (no float copy of a large scan)
+    top = 2**bits - 1
+    eight = (wide.clip(0, None) * 255 + top // 2) // top
+    return Image.fromarray(eight.astype(np.uint8))
 
 
-def _rgb(img):
-    return eight_bit(img).convert("RGB")
+def bit_depth(img) -> int:
+    """The bits per pixel a grey image of PIL mode I;16* or I declares: 16 for I;16*, and for I
+    what its decoder reads (PIL before 10 opened 16-bit PNGs as I, raw mode I;16B); else 32."""
+    if img.mode.startswith("I;16"):
+        return 16
+    for tile in getattr(img, "tile", None) or []:
+        raw = tile[3] if len(tile) > 3 else None
+        raw = raw[0] if isinstance(raw, tuple) and raw else raw
+        if isinstance(raw, str) and raw.startswith("I;16"):
+            return 16
+    return 32
 
 
-def _open_rgb(path):
+def rgb(img):
+    """A PIL image of any mode as RGB, with more than 8 bits scaled as eight_bit does (one already
+    in RGB is returned as it is, decoded: no copy of a large picture, and usable once its file is
+    closed)."""
+    img = eight_bit(img)
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    img.load()
+    return img
+
+
+def open_rgb(path):
     from PIL import Image
     with Image.open(path) as im:
-        return _rgb(im)
+        return rgb(im)
 
 
 # --------------------------------------------------------------------------------- folder datasets
@@ -522,7 +547,7 @@ def _decode(path: str, size: tuple[int, int]):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            im = _rgb(im)
+            im = rgb(im)
         if im.size != size:
             # what transforms.Resize does to a PIL image
             im = im.resize(size, Image.Resampling.BILINEAR)

@@ -7,6 +7,7 @@ window, and no pyplot means the backend of whatever program imports this module 
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +78,30 @@ def save_figure(fig, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp)
+        with warnings.catch_warnings():  # a layout matplotlib cannot fit is no reason to warn
+            warnings.simplefilter("ignore", UserWarning)
+            fig.savefig(tmp)
         os.replace(tmp, path)
     except Exception as e:  # OSError, or a name matplotlib cannot lay out
         print(f"warning: could not write {path}: {getattr(e, 'strerror', None) or e}",
               file=sys.stderr)
         return
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a folder that cannot be written holds no temporary file either
+            pass
     print(f"wrote {path}")
+
+
+# Class and file names in pictures are cut to this many characters (a 250-character folder name
+# made mistakes.png 18,000 pixels wide); the printed report and the CSV files keep them whole.
+SHORT_NAME = 24
+
+
+def short(name: str, limit: int = SHORT_NAME) -> str:
+    """A name as the pictures show it: at most `limit` characters, an ellipsis where it was cut."""
+    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
 
 
 def printable(name: str) -> str:

@@ -4,7 +4,7 @@ your own images.
     python test.py                                      # save_model/best.pth, first 20 test images
     python test.py --checkpoint save_model/epoch_003.pth --show 100
     python test.py --show-all                           # one line per test image
-    python test.py --grid 100 --grid-seed 0 --out figs  # 100 random images in figs/predictions.png
+    python test.py --grid 100 --grid-seed 1 --out figs  # another sample of 100 in figs/predictions.png
     python test.py --image my_digit.png photos/         # your own images (files or folders of them)
     python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
     python test.py --tta off                            # a model trained with --tta, plain logits
@@ -45,8 +45,8 @@ SHOW = 20                # print the prediction of the first N test images
 SHOW_ALL = False         # print the prediction of every test image
 GRID = 64                # draw N test images with their predicted and actual labels in
                          # predictions.png (0: none)
-GRID_SEED = None         # draw a random sample of the test split, seeded by SEED; None: its first
-                         # N images
+GRID_SEED = 0            # predictions.png and cam.png show test images drawn with this seed, the
+                         # classes in turn (the same images on every run)
 CAM = 16                 # draw N test images (or --image files) with the Grad-CAM heat map of the
                          # predicted class in cam.png (0: none)
 MISTAKES = 16            # draw the N test images with the highest loss in mistakes.png (0: none);
@@ -76,7 +76,7 @@ DATA_DIR = None          # dataset root; None: the one used for training while i
 DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
 FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "cam": {"metavar": "N"},
          "mistakes": {"metavar": "N"},
-         "grid_seed": {"type": int, "metavar": "SEED"}, "out": {"metavar": "DIR"},
+         "grid_seed": {"metavar": "SEED"}, "out": {"metavar": "DIR"},
          "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
          "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
          "tta": {"choices": ("auto", "on", "off")}, "tta_shift": {"type": int, "metavar": "N"}}
@@ -181,9 +181,7 @@ def format_tables(cm: torch.Tensor, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_split(args, model, ckpt, c, device, amp) -> None:
-    # before the evaluation, which can take a while: fail early if it cannot be made
-    out = output_dir(args)
+def evaluate_split(args, model, ckpt, c, device, amp, out: Path | None) -> None:
     # never into a wrong DATA_DIR
     data = imagedata.load_split(c, False, device, classes=ckpt["classes"], download=False)
     try:  # a folder's DataLoader workers stop when the report ends, however it ends
@@ -211,16 +209,30 @@ def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
     print()
     print(format_tables(cm, classes))
     print()
-    plots.draw_confusion(cm, classes, out / "confusion.png")
+    if out is None:  # the folder cannot be written: said already
+        return
+    drawn = [plots.short(name) for name in classes]
+    plots.draw_confusion(cm, drawn, out / "confusion.png")
     if args.grid:
-        n = min(args.grid, len(data))
-        if args.grid_seed is None:
-            indices = list(range(n))
-        else:  # sorted, so they can be found in the --show-all listing
-            g = torch.Generator().manual_seed(args.grid_seed)
-            indices = sorted(torch.randperm(len(data), generator=g)[:n].tolist())
-        plots.draw_grid(data, indices, preds, labels, classes, out / "predictions.png")
+        indices = sample_indices(labels, min(args.grid, len(data)), args.grid_seed)
+        plots.draw_grid(data, indices, preds, labels, drawn, out / "predictions.png")
     report_mistakes(args, model, c, data, logits, labels, classes, out)
+
+
+def sample_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
+    """n test images that cover the classes: each class's images in an order drawn from `seed`,
+    then the classes taken in turn (a folder's test split is sorted by class, so its first images
+    would all be of one). Sorted, so they can be found in the --show-all listing."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    by_class: dict[int, list[int]] = {}
+    for i in order.tolist():
+        by_class.setdefault(int(labels[i]), []).append(i)
+    queues = [by_class[k] for k in sorted(by_class)]
+    chosen = []
+    for rank in range(max(map(len, queues), default=0)):
+        chosen += [q[rank] for q in queues if rank < len(q)]
+    return sorted(chosen[:n])
 
 
 def report_mistakes(args, model, c, data, logits, labels, classes, out: Path) -> None:
@@ -232,11 +244,13 @@ def report_mistakes(args, model, c, data, logits, labels, classes, out: Path) ->
     order = losses.argsort(descending=True, stable=True)
     wrong = [i for i in order.tolist() if preds[i] != labels[i]]
     rows = [["image", "actual", "predicted", "p_actual", "p_predicted", "loss"]]
-    rows += [[plots.printable(data.name(i)), classes[labels[i]], classes[preds[i]], f"{probs[i, labels[i]]:.6f}",
-              f"{probs[i, preds[i]]:.6f}", f"{losses[i]:.6f}"] for i in wrong]
+    rows += [[plots.printable(data.name(i)), classes[labels[i]], classes[preds[i]],
+              f"{probs[i, labels[i]]:.6f}", f"{probs[i, preds[i]]:.6f}", f"{losses[i]:.6f}"]
+             for i in wrong]
     write_csv(out / "mistakes.csv", rows)
+    classes = [plots.short(name) for name in classes]  # as the pictures show them
     layer, cams, name = None, {}, ""
-    shown = list(range(min(args.cam, len(labels))))
+    shown = sample_indices(labels, min(args.cam, len(labels)), args.grid_seed)
     worst = order[:args.mistakes].tolist()
     if shown or worst:
         layer, name = gradcam.cam_layer(model, c["image_size"])
@@ -249,11 +263,11 @@ def report_mistakes(args, model, c, data, logits, labels, classes, out: Path) ->
                         f"Grad-CAM of the predicted class at {name}", out / "cam.png")
     if worst:
         plots.draw_cams([data.raw(i) for i in worst], [cams[i] for i in worst],
-                        [f"{classes[preds[i]]} / {classes[labels[i]]}\n"
-                         f"{losses[i]:.2f} / {probs[i, preds[i]]:.2f}" for i in worst],
+                        [f"pred {classes[preds[i]]}\ntrue {classes[labels[i]]}\n"
+                         f"loss {losses[i]:.2f}, p {probs[i, preds[i]]:.2f}" for i in worst],
                         [bool(preds[i] != labels[i]) for i in worst],
-                        f"highest losses: predicted / actual / loss / probability of the predicted "
-                        f"class; Grad-CAM at {name}", out / "mistakes.png")
+                        f"highest losses: predicted and true class, loss, probability p of the "
+                        f"predicted class; Grad-CAM at {name}", out / "mistakes.png")
 
 
 def heat_maps(model, data, indices: list[int], classes: torch.Tensor, layer: int,
@@ -277,13 +291,41 @@ def write_csv(path: Path, rows: list[list[str]]) -> None:
     print(f"wrote {path}")
 
 
-def output_dir(args) -> Path:
+def output_dir(args, inputs: list[tuple[Path, str]]) -> Path | None:
+    """The folder the pictures and CSV files go to: --out, else the checkpoint's. Never one inside
+    `inputs` (folders of images, each with what it is): the next run would read the pictures as
+    images. One that cannot be written is a warning, and None: the report is still printed, and
+    the exit code is then 2 (args.lost_pictures)."""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    what = (f"--out {out}" if args.out else
+            f"{out}, the checkpoint's folder (where the pictures go without --out),")
+    if out.is_file():
+        raise UserError(f"{what} is a file, not a folder: give --out a folder")
+    for folder, role in inputs:
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise UserError(f"{what} is inside {role} {folder}, where its pictures would be read as "
+                            "images the next time: give --out a folder outside it")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+        print(f"warning: cannot write the pictures and CSV files to {out} ({e.strerror or e}); the "
+              "report is printed without them (give --out a folder that can be written)",
+              file=sys.stderr)
+        args.lost_pictures = True
+        return None
     return out
+
+
+def data_folders(c: dict) -> list[tuple[Path, str]]:
+    """The image folders of a folder dataset (its splits), where no picture may go."""
+    if c["dataset"] != "folder":
+        return []
+    root = Path(c["data_dir"])
+    return [(root / split, f"the dataset's {split}/") for split in ("train", "val", "test")
+            if (root / split).is_dir()]
 
 
 # ---------------------------------------------------------------------------------- your own images
@@ -312,21 +354,32 @@ def find_images(paths: list[str], report) -> list[Path]:
     return found
 
 
+# cam.png shows your pictures at most this many pixels a side: drawn at full size, six phone photos
+# took gigabytes of memory.
+SHOWN_SIDE = 256
+
+
 def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
     """The image as the checkpoint's dataset stores its samples: uint8 (1, 28, 28) grey for mnist
     and fashion-mnist, (3, 32, 32) RGB for cifar10; for folder, the float tensor of its eval
-    transform. Returns (tensor, whether it was inverted)."""
+    transform. Returns (tensor, whether it was inverted, the picture cam.png shows: as the network
+    saw it for the built-in datasets, grey and inverted where it was; else the file in RGB, at most
+    SHOWN_SIDE pixels a side). One picture is decoded at a time, at its own size."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         if dataset == "folder":
-            # as ImageFolder reads its files (no EXIF rotation), then the eval transform
-            return folder_transform(im), False
+            # as training reads a folder's files (no EXIF rotation), then the eval transform
+            picture = imagedata.rgb(im)
+            x = folder_transform(picture)
+            picture.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
+            return x, False, picture
+        # 16-bit grey (scanners, microscopes): by the depth the file declares, read before
+        # anything else decodes it (convert() would clip it at 255)
+        im = imagedata.eight_bit(im)
         im = ImageOps.exif_transpose(im)  # phone photos keep their rotation in EXIF
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels take the colour of the paper they would be drawn on: white.
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        # 16-bit grey (scanners, microscopes): convert() would clip it at 255
-        im = imagedata.eight_bit(im)
         size = DATASETS[dataset].stored_size
         im = im.convert("L" if DATASETS[dataset].grey else "RGB")
         # PIL's bilinear filter widens with the scale factor, so large pictures are smoothed, not
@@ -337,7 +390,7 @@ def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
                                        or invert == "auto" and np.asarray(im).mean() > 127):
             im, inverted = ImageOps.invert(im), True
         x = torch.from_numpy(np.array(im))
-        return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)), inverted
+        return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)), inverted, im
 
 
 def predict_files(args, model, c, classes, device, amp) -> int:
@@ -357,15 +410,16 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
 
     files = find_images(args.image, report)
-    out = output_dir(args) if files else None
+    inputs = [(Path(p), "the --image folder") for p in args.image if Path(p).is_dir()]
+    out = output_dir(args, inputs + data_folders(c)) if files else None
     rows = [["file", "predicted", "probability", f"top_{args.top_k}"]]
     layer, name = gradcam.cam_layer(model, c["image_size"])
     drawn, heats, titles = [], [], []  # for cam.png: the first CAM images
     for start in range(0, len(files), args.batch_size):
-        paths, images, inverted = [], [], []
+        paths, images, inverted, pictures = [], [], [], []
         for path in files[start:start + args.batch_size]:
             try:
-                x, inv = read_image(path, dataset, args.invert, folder_transform)
+                x, inv, picture = read_image(path, dataset, args.invert, folder_transform)
             except (OSError, ValueError, SyntaxError, EOFError) as e:
                 # UnidentifiedImageError is an OSError
                 report(f"{path} is not an image that can be read ({type(e).__name__}: {e})"
@@ -377,6 +431,7 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             paths.append(path)
             images.append(x)
             inverted.append(inv)
+            pictures.append(picture)
         if not images:
             continue
         x = torch.stack(images)
@@ -400,26 +455,15 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         if n > 0:  # heat maps of the predicted class, for cam.png
             cams = gradcam.grad_cam(model, batches[0][0][:n], layer, top_i[:n, 0])
             for k in range(n):
-                drawn.append(shown_image(paths[k], images[k], dataset))
+                drawn.append(pictures[k])
                 heats.append(cams[k].cpu())
-                titles.append(f"{Path(paths[k]).name[:24]}\npred {classes[top_i[k, 0]]} "
-                              f"{top_p[k, 0]:.0%}")
-    if out is not None:
+                titles.append(f"{plots.short(Path(paths[k]).name)}\n"
+                              f"pred {plots.short(classes[top_i[k, 0]])} {top_p[k, 0]:.0%}")
+    if out is not None:  # else it could not be written, and said so
         write_csv(out / "predictions.csv", rows)
         plots.draw_cams(drawn, heats, titles, [False] * len(drawn),
                         f"Grad-CAM of the predicted class at {name}", out / "cam.png")
     return len(errors)
-
-
-def shown_image(path: Path, x: torch.Tensor, dataset: str):
-    """The picture cam.png shows for a file given to --image: as the network saw it for the
-    built-in datasets (grey, inverted where it was), else the file itself in RGB."""
-    from PIL import Image
-    if dataset != "folder":
-        return (Image.fromarray(x[0].numpy()) if x.shape[0] == 1
-                else Image.fromarray(x.permute(1, 2, 0).numpy()))
-    with Image.open(path) as im:
-        return imagedata.eight_bit(im).convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -445,17 +489,22 @@ def main() -> None:
     print(f"{args.checkpoint}: VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} "
           f"width/{c['width_div']}, {c['dataset']} at {c['image_size']} px, "
           f"trained {ckpt['epoch']} epoch(s){tta_note}")
+    args.lost_pictures = False
     if args.image:
         if predict_files(args, model, c, [plots.printable(n) for n in ckpt["classes"]], device,
                          amp):
             sys.exit(2)  # each unreadable path has had its line on stderr already
     else:
+        # before the evaluation, which can take a while: fail early if it cannot be made
+        out = output_dir(args, data_folders(c))
         try:
-            evaluate_split(args, model, ckpt, c, device, amp)
+            evaluate_split(args, model, ckpt, c, device, amp, out)
         except UserError as e:  # say where the folder came from when the user did not type it
             if data_from == "--data-dir":
                 raise
             raise UserError(f"{e} (data folder {c['data_dir']} from {data_from})") from None
+    if args.lost_pictures:  # the report is printed; the folder for the pictures said its line
+        sys.exit(2)
 
 
 if __name__ == "__main__":

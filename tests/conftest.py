@@ -122,6 +122,14 @@ def load_script(script: str, name: str):
     return module
 
 
+def csv_rows(path) -> list[list[str]]:
+    """A CSV file the repo wrote (metrics.csv, mistakes.csv, predictions.csv), header first, read
+    as a spreadsheet or pandas would: every cell is quoted."""
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
 def load(path) -> dict:
     """A checkpoint, loaded as test.py and train.py load it."""
     return torch.load(path, map_location="cpu", weights_only=True)

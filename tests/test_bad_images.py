@@ -124,7 +124,7 @@ def test_16_bit_grey_is_scaled_for_folder_models(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     Image.fromarray(np.full((40, 40), 20_000, dtype=np.uint16)).save(tmp_path / "scan.png")
-    x, _ = script.read_image(tmp_path / "scan.png", "folder", "auto", imagedata.eval_transform(32))
+    x, _, _ = script.read_image(tmp_path / "scan.png", "folder", "auto", imagedata.eval_transform(32))
     mean, std = imagedata.DATASETS["folder"].stats
     expected = torch.tensor([(round(20_000 / 257) / 255 - m) / s for m, s in zip(mean, std)])
     assert torch.allclose(x.mean((1, 2)), expected, atol=1e-5)

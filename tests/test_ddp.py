@@ -20,7 +20,7 @@ import torch
 import imagedata
 import net
 import train
-from conftest import ROOT, TINY, load, make_folder, make_mnist, run_script, weight_differences
+from conftest import ROOT, TINY, csv_rows, load, make_folder, make_mnist, run_script, weight_differences
 
 N_TRAIN, N_TEST = 257, 101
 # A step schedule does not depend on the number of epochs, so 1 epoch + --resume --epochs 2 can be
@@ -179,8 +179,8 @@ def test_only_rank_0_reports_and_the_reduced_test_accuracy_covers_the_split_once
     assert acc == r0[1]  # correct / N_TEST: the same count of correct images
     assert loss == pytest.approx(r0[0], rel=1e-5)
 
-    rows = (tmp / "save" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 3 and float(rows[2].split(",")[4]) == pytest.approx(r0[1], abs=1e-6)
+    rows = csv_rows(tmp / "save" / "metrics.csv")
+    assert len(rows) == 3 and float(rows[2][4]) == pytest.approx(r0[1], abs=1e-6)
 
 
 def test_test_script_loads_the_checkpoint(ddp_run):
@@ -222,7 +222,7 @@ def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_ru
     assert ckpt["epoch"] == 2 and ckpt["world"] == 1
     assert ckpt["scheduler"]["last_epoch"] == 2 * imagedata.steps_per_epoch(N_TRAIN, 32)
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5 ** 2)  # after its last step
-    assert len((single / "metrics.csv").read_text().splitlines()) == 3
+    assert len(csv_rows(single / "metrics.csv")) == 3
 
 
 def test_inconsistent_launches_are_one_line_errors(tmp_path):

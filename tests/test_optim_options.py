@@ -60,9 +60,13 @@ def test_the_epoch_files_hold_the_average_and_a_resumed_run_averages_exactly(dat
     last = load(straight / "last.pth")
     ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
     assert int(last["ema"]["n_averaged"]) == last["scheduler"]["last_epoch"]  # one update per step
-    for name in ("epoch_002.pth", "best.pth"):
-        saved = load(straight / name)["model"]
-        assert not weight_differences(saved, ema), name
+    assert not weight_differences(load(straight / "epoch_002.pth")["model"], ema)
+    # best.pth is whichever epoch validated best (on one CPU epoch 1, on another epoch 2): it holds
+    # that epoch's file, which holds that epoch's average
+    best = load(straight / "best.pth")
+    epochs = {e: load(straight / f"epoch_{e:03d}.pth") for e in (1, 2)}
+    assert best["val_acc"] == max(w["val_acc"] for w in epochs.values())
+    assert not weight_differences(best["model"], epochs[best["epoch"]]["model"])
     # the average is not the trained weights (which last.pth keeps to go on training)
     assert weight_differences(last["model"], ema)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import checkpoints
-from conftest import TINY, load, make_folder, run_script, weight_differences
+from conftest import TINY, csv_rows, load, make_folder, run_script, weight_differences
 from runs import popen, wait_for
 
 
@@ -62,8 +62,8 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(data, straight, tmp_path):
     assert f"resumed {tmp_path / 'last.pth'}: epoch 2, step {stopped['step']}" in proc.stdout
     assert not weight_differences(load(tmp_path / "last.pth")["model"], straight["model"])
     # the epoch's loss and accuracy are summed over the whole split, across the interruption
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert [r[0] for r in rows[1:]] == ["1", "2"]
 
 
 def test_own_image_folders_with_augmentation_resume_exactly(tmp_path):
@@ -128,8 +128,8 @@ def test_kill_9_at_several_moments_then_resume_is_exact(data, straight, tmp_path
     assert "done: best.pth has the best validation accuracy" in proc.stdout
     assert not list(tmp_path.glob(".*.tmp*"))  # leftovers of killed saves are cleaned up
     assert not weight_differences(load(tmp_path / "last.pth")["model"], straight["model"])
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # no epoch counted twice
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert [r[0] for r in rows[1:]] == ["1", "2"]  # no epoch counted twice
 
 
 def load_ok(folder: Path) -> dict:

@@ -14,7 +14,7 @@ import torch
 import checkpoints
 import cli
 import train
-from conftest import ROOT, TINY, load, make_folder
+from conftest import ROOT, TINY, csv_rows, load, make_folder
 from runs import digests, popen, call, one_line, error_lines
 
 
@@ -71,7 +71,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(saved, small, c
     assert code == 0, err
     assert load(saved / "last.pth")["config"]["seed"] == 7
     assert load(saved / "best.pth")["config"]["seed"] == 7
-    assert len((saved / "metrics.csv").read_text().splitlines()) == 2  # the header and the new run's epoch 1
+    assert len(csv_rows(saved / "metrics.csv")) == 2  # the header and the new run's epoch 1
     assert sorted(p.name for p in saved.iterdir() if p.name != ".lock") == [
         "best.pth", "curves.png", "epoch_001.pth", "last.pth", "metrics.csv"]
 
@@ -97,8 +97,8 @@ def test_a_second_run_on_a_busy_save_folder_is_refused_and_harms_nothing(small, 
         assert code == 2 and f"is in use by another train.py (pid {first.pid})" in one_line(err), args
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    rows = csv_rows(tmp_path / "metrics.csv")
+    assert [r[0] for r in rows[1:]] == ["1", "2"]
 
 
 def test_resume_with_other_class_names_is_refused(tmp_path, capsys, handlers):
@@ -136,7 +136,7 @@ def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, caps
     assert (saved / "metrics.csv.damaged").read_bytes() == damaged
     # New rows are written under the right header, never appended to the damaged file.
     checkpoints.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
-    assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
+    assert csv_rows(path) == [["epoch", "test_acc"], ["2", "0.5"]]
 
 
 @pytest.mark.quick
@@ -144,7 +144,7 @@ def test_metrics_with_another_header_is_set_aside_when_appending(tmp_path, capsy
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,test_acc,note\n1,0.4,x\n")
     checkpoints.append_metrics(path, {"epoch": 2, "test_acc": "0.5"})
-    assert path.read_text().splitlines() == ["epoch,test_acc", "2,0.5"]
+    assert csv_rows(path) == [["epoch", "test_acc"], ["2", "0.5"]]
     assert (tmp_path / "metrics.csv.damaged").read_text() == "epoch,test_acc,note\n1,0.4,x\n"
     assert "metrics.csv.damaged" in one_line(capsys.readouterr().err)
 

@@ -16,7 +16,7 @@ import cli
 import devices
 import net
 import train
-from conftest import TINY, load, make_mnist, run_train_in_process
+from conftest import TINY, csv_rows, load, make_mnist, run_train_in_process
 
 CPU = torch.device("cpu")
 
@@ -158,7 +158,7 @@ def test_train_loss_is_the_mean_over_the_images(tmp_path, monkeypatch):
     assert [n for _, n in losses] == [4, 4, 2]
     expected = sum(l * n for l, n in losses) / 10
     assert results["train"][0] == pytest.approx(expected, rel=1e-5)
-    row = (tmp_path / "s" / "metrics.csv").read_text().splitlines()[1].split(",")
+    row = csv_rows(tmp_path / "s" / "metrics.csv")[1]
     assert float(row[1]) == pytest.approx(expected, rel=1e-4)
 
 

@@ -208,20 +208,20 @@ def test_read_image_gives_the_stored_sample_back(script, split_data, tmp_path):
     stores it."""
     stored = split_data.images[3]  # (1, 28, 28) uint8
     split_data.raw(3).save(tmp_path / "a.png")
-    x, inverted = script.read_image(tmp_path / "a.png", "mnist", "auto")
+    x, inverted, _ = script.read_image(tmp_path / "a.png", "mnist", "auto")
     assert x.dtype == torch.uint8 and torch.equal(x, stored) and not inverted
     Image.fromarray(255 - stored[0].numpy()).save(tmp_path / "b.png")
-    x, inverted = script.read_image(tmp_path / "b.png", "mnist", "auto")
+    x, inverted, _ = script.read_image(tmp_path / "b.png", "mnist", "auto")
     assert torch.equal(x, stored) and inverted
-    x, _ = script.read_image(tmp_path / "b.png", "mnist", "off")
+    x, _, _ = script.read_image(tmp_path / "b.png", "mnist", "off")
     assert torch.equal(x, 255 - stored)
     ink = np.zeros((28, 28, 4), dtype=np.uint8)
     ink[..., 3] = stored[0].numpy()
     Image.fromarray(ink, "RGBA").save(tmp_path / "c.png")
-    x, inverted = script.read_image(tmp_path / "c.png", "mnist", "auto")
+    x, inverted, _ = script.read_image(tmp_path / "c.png", "mnist", "auto")
     assert inverted and (x.int() - stored.int()).abs().max() <= 1  # alpha blending rounds
     Image.fromarray(stored[0].numpy().astype(np.uint16) * 257).save(tmp_path / "d.png")  # 16-bit grey
-    x, _ = script.read_image(tmp_path / "d.png", "mnist", "auto")
+    x, _, _ = script.read_image(tmp_path / "d.png", "mnist", "auto")
     assert Image.open(tmp_path / "d.png").mode.startswith("I") and torch.equal(x, stored)
 
 
@@ -230,18 +230,18 @@ def test_read_image_for_cifar10(script, tmp_path, cifar_ok):
     rgba = np.zeros((50, 70, 4), dtype=np.uint8)
     rgba[:, :35] = (255, 0, 0, 255)  # opaque red on the left, fully transparent on the right
     Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
-    x, inverted = script.read_image(tmp_path / "half.png", "cifar10", "auto")
+    x, inverted, _ = script.read_image(tmp_path / "half.png", "cifar10", "auto")
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and not inverted
     assert x[:, :, 0].tolist() == [[255] * 32, [0] * 32, [0] * 32]
     assert x[:, :, -1].tolist() == [[255] * 32] * 3
     Image.new("L", (300, 200), 90).save(tmp_path / "grey.jpg")
-    x, _ = script.read_image(tmp_path / "grey.jpg", "cifar10", "auto")
+    x, _, _ = script.read_image(tmp_path / "grey.jpg", "cifar10", "auto")
     assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
     root = make_cifar(tmp_path / "data")
     c = {"dataset": "cifar10", "data_dir": str(root), "image_size": 32}
     data = imagedata.load_split(c, False, torch.device("cpu"))
     data.raw(5).save(tmp_path / "sample.png")
-    x, _ = script.read_image(tmp_path / "sample.png", "cifar10", "auto")
+    x, _, _ = script.read_image(tmp_path / "sample.png", "cifar10", "auto")
     assert torch.equal(x, data.images[5])
 
 
@@ -254,5 +254,5 @@ def test_folder_transform_is_the_datasets_eval_transform(script, tmp_path):
     mean, std = imagedata.DATASETS["folder"].stats
     data = imagedata.FolderImages(tmp_path / "test", None, mean, std, 48, torch.device("cpu"), 0)
     for i, (path, _) in enumerate(data.eval_set.samples):
-        x, _ = script.read_image(path, "folder", "auto", imagedata.eval_transform(48))
+        x, _, _ = script.read_image(path, "folder", "auto", imagedata.eval_transform(48))
         assert torch.equal(x, data.eval_set[i][0])
