@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -152,11 +153,27 @@ def save(obj: dict, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {path}: {reason}; "
+    except (OSError, RuntimeError) as e:  # torch's zip writer says RuntimeError, without errno
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise UserError(f"could not write {path}: {write_failure(e, path.parent)}; "
                         "the previous checkpoint is unchanged") from None
+
+
+def write_failure(e: Exception, folder: Path) -> str:
+    """Why a write failed, in words: a full disk where the error or the free space says so."""
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return "the disk is full"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    return "the disk is full" if free is not None and free < 2**20 else f"writing failed ({first})"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -185,7 +202,7 @@ def load(path, map_location="cpu") -> dict:
     if not is_file:  # a folder, a FIFO (which would block), a device
         raise UserError(f"checkpoint {path} is not a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = safe_load(path, map_location)
     except PermissionError as e:
         raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except pickle.UnpicklingError:
@@ -197,6 +214,23 @@ def load(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
     return upgrade(ckpt, path)
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load with weights_only=True (a file cannot run code when loaded) and without torch's
+    warnings about the file's pickle protocol: the caller says in one line what went wrong."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def plain_names(state: dict) -> dict:
+    """A state dict without the prefix every key gets from a wrapper: DDP's `module.`,
+    torch.compile's `_orig_mod.` (a model saved while wrapped loads like the plain network)."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def model_state(model: torch.nn.Module) -> dict:
@@ -285,6 +319,9 @@ def unlock_save_dir() -> None:
 
 
 def check_writable(folder: Path) -> None:
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(f"the save folder {folder} is a link to {os.readlink(folder)}, which does "
+                        "not exist: create that folder, or give another --save-dir")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test{os.getpid()}"
@@ -465,8 +502,7 @@ def write_csv(path: Path, rows: list[list[str]]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {path}: {reason}; "
+        raise UserError(f"could not write {path}: {write_failure(e, path.parent)}; "
                         f"the previous {path.name} is unchanged") from None
 
 

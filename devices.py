@@ -89,17 +89,38 @@ def amp_choice(device: torch.device, mode: str) -> tuple[torch.dtype | None, str
             return torch.bfloat16, "auto: this NPU has bf16"
         return torch.float16, "auto: this NPU has no bf16"
     if device.type == "cpu":
-        if cpu_has("amx_tile"):
+        amx = cpu_has("amx_tile")
+        if amx:
             return torch.bfloat16, "auto: this CPU has AMX"
         if cpu_has("avx512_bf16") and cpu_vendor() == "AuthenticAMD":
             return torch.bfloat16, "auto: this AMD CPU has AVX512-BF16"
+        if amx is None:
+            return None, "auto: neither this torch nor the OS says whether this CPU has AMX"
         return None, "auto: this CPU has no AMX"
     return None, f"auto: fp32 on {device.type.upper()}"
 
 
-def cpu_has(feature: str) -> bool:
-    """torch.cpu._is_<feature>_supported(), False on a torch too old to ask."""
-    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
+def cpu_has(feature: str) -> bool | None:
+    """Whether the CPU has `feature` (amx_tile, avx512_bf16): as torch tells
+    (torch.cpu._is_<feature>_supported), else by the flags Linux lists in /proc/cpuinfo (torch 2.3
+    cannot ask for AMX), else None: unknown."""
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    if probe is not None:
+        return bool(probe())
+    flags = cpu_flags()
+    return feature in flags if flags is not None else None
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def cpu_vendor() -> str:
@@ -180,6 +201,17 @@ def init_distributed(device: torch.device, name: str, local_rank: int) -> None:
         getattr(torch, device.type).set_device(device)
     backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
     dist.init_process_group(backend)
+
+
+def leave_process_group() -> None:
+    """Leave torchrun's process group, however the run ends: a process that exits with the group
+    still up (one line from rank 0, a quiet exit from the others) could abort in its destructor
+    ("terminate called without an active exception", SIGABRT) instead of exiting with its code."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the others may have gone already; this process ends anyway
+            pass
 
 
 def check_same_settings(settings: dict, ignore: tuple[str, ...] = ()) -> None:

@@ -229,17 +229,16 @@ class DeviceImages:
 class FolderImages:
     """Your own images: ImageFolder train/ or test/ read through a DataLoader with workers."""
 
-    def __init__(self, root: Path, classes_expected, mean, std, image_size: int,
-                 device: torch.device, workers: int, cutout: float = 0.0, shift: int = SHIFT):
+    def __init__(self, root: Path | None, classes_expected, mean, std, image_size: int,
+                 device: torch.device, workers: int, cutout: float = 0.0, shift: int = SHIFT,
+                 listed: tuple[list[str], list[tuple[str, int]]] | None = None):
+        """root: a split folder to list, or `listed`: its (classes, samples) listed already."""
         from torchvision import transforms
         self.device = device
         self.workers = workers
         normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         resize = transforms.Resize((image_size, image_size), antialias=True)
-        classes, samples = list_images(root)
-        if classes_expected is not None and classes != list(classes_expected):
-            raise UserError(f"{root} has classes {classes}, but the training set had "
-                            f"{list(classes_expected)}")
+        classes, samples = listed or list_images(root, classes_expected)
         self.eval_set = ImageFiles(classes, samples, eval_transform(image_size, mean, std))
         self.train_set = ImageFiles(classes, samples, transforms.Compose(
             [transforms.Lambda(rgb), resize,
@@ -334,26 +333,76 @@ def image_files(folder: Path, others: frozenset[Path] = frozenset()) -> list[Pat
     return sorted(found)
 
 
-def list_images(split: Path) -> tuple[list[str], list[tuple[str, int]]]:
+def list_images(split: Path, classes: list[str] | None = None
+                ) -> tuple[list[str], list[tuple[str, int]]]:
     """(class names, [(file, class index)]) of split/CLASS/...: as torchvision's ImageFolder lists
     them (classes sorted, files sorted within a class), except that names starting with a dot are
-    skipped, links never lead into a folder twice, and .gif counts as an image."""
+    skipped, links never lead into a folder twice, and .gif counts as an image. A class is named
+    by its folder's name read as UTF-8, whatever the file system's encoding, so a run begun under
+    one locale goes on under another. `classes`: the training split's list, which then numbers
+    this split's classes (a val/ or test/ folder may lack a class, never bring a new one)."""
     try:
-        classes = sorted(e.name for e in os.scandir(split)
+        folders = sorted((class_name(e.name), e.name) for e in os.scandir(split)
                          if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
         raise UserError(f"cannot read {split}: {e.strerror or e}") from None
-    if not classes:
+    if not folders:
         raise UserError(f"{split} holds no class folders ({split}/CLASS/image.jpg)")
+    if classes is None:
+        classes = [name for name, _ in folders]
+    unknown = [name for name, _ in folders if name not in classes]
+    if unknown:
+        raise UserError(f"{split} has class folder(s) {', '.join(unknown[:5])} that the training "
+                        f"set does not have (it has {', '.join(list(classes)[:10])}"
+                        f"{' ...' if len(classes) > 10 else ''}): rename or remove them")
     # resolved once here: once per class inside image_files made 1,000 classes a million lookups
-    fenced = frozenset(p.resolve() for p in (split, *(split / c for c in classes)))
-    samples = [(str(path), k) for k, name in enumerate(classes)
-               for path in image_files(split / name, fenced)]
-    empty = sorted(set(classes) - {classes[k] for _, k in samples})
+    fenced = frozenset(p.resolve() for p in (split, *(split / f for _, f in folders)))
+    samples = [(str(path), classes.index(name)) for name, folder in folders
+               for path in image_files(split / folder, fenced)]
+    empty = sorted({name for name, _ in folders} - {classes[k] for _, k in samples})
     if empty:
         raise UserError(f"{split}: class folder(s) {', '.join(empty)} hold no image files "
                         f"({', '.join(IMAGE_SUFFIXES)})")
-    return classes, samples
+    return list(classes), samples
+
+
+def class_name(folder: str) -> str:
+    """A class folder's name as UTF-8 text: the bytes the file system holds, decoded as UTF-8
+    (bytes that are not UTF-8 stay as Python keeps them, lone surrogates), whatever encoding this
+    process's locale gave the name."""
+    return os.fsencode(folder).decode("utf-8", "surrogateescape")
+
+
+def one_split_each(samples: list[tuple[str, int]], taken: set[str], split: Path
+                   ) -> list[tuple[str, int]]:
+    """`samples` without the files (by their real path, through any links) that another split
+    `taken` holds, and each file once: an image must never be in two splits (test accuracy
+    measured on images the model trained on), nor twice in one. Says how many were left out."""
+    kept, seen, elsewhere, twice = [], set(), [], []
+    for path, label in samples:
+        real = os.path.realpath(path)
+        if real in taken:
+            elsewhere.append(path)
+        elif real in seen:
+            twice.append(path)
+        else:
+            seen.add(real)
+            kept.append((path, label))
+    if (elsewhere or twice) and _is_master():
+        parts = ([f"{len(elsewhere)} that another split holds too (e.g. "
+                  f"{Path(elsewhere[0]).relative_to(split)})"] if elsewhere else []) + \
+                ([f"{len(twice)} linked twice (e.g. {Path(twice[0]).relative_to(split)})"]
+                 if twice else [])
+        console(f"warning: left out of {split} {' and '.join(parts)} image file(s): an image is "
+                "in one split only, once", file=sys.stderr)
+    return kept
+
+
+def real_paths(split: Path, classes: list[str] | None = None) -> set[str]:
+    """The real paths (links followed) of a folder split's image files; empty if it has none."""
+    if not split.is_dir():
+        return set()
+    return {os.path.realpath(path) for path, _ in list_images(split, classes)[1]}
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -603,18 +652,17 @@ def bad_files_line(bad: list[tuple[str, str]], split: Path) -> str:
 
 
 def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch.device,
-                in_memory: bool | None = None):
+                in_memory: bool | None = None, taken: set[str] = frozenset()):
     """A folder split, every file checked first: as a DeviceImages when its decoded images fit
     FOLDER_MEMORY_SHARE of the free memory, else as a FolderImages (DataLoader workers); in_memory
     True/False: that path whatever the memory (a resumed run keeps the path it began on, since
     the two draw their augmentation differently). Unreadable
-    files stop the run with one line naming them, or are left out with c["skip_bad_images"]."""
+    files stop the run with one line naming them, or are left out with c["skip_bad_images"].
+    taken: real paths of files other splits hold, left out of this one (one_split_each)."""
     import time
     t0 = time.perf_counter()
-    classes, samples = list_images(split)  # lists the files, reads none
-    if classes_expected is not None and classes != list(classes_expected):
-        raise UserError(f"{split} has classes {classes}, but the training set had "
-                        f"{list(classes_expected)}")
+    classes, samples = list_images(split, classes_expected)  # lists the files, reads none
+    samples = one_split_each(samples, taken, split)
     paths = [path for path, _ in samples]
     workers = c["workers"]
     probed = _chunked(_probe, paths, workers, f"checking {split}")
@@ -669,8 +717,8 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
         console(f"{split}: {len(labels):,} images, {need / 2**30:,.1f} GB decoded, more than "
                 f"{FOLDER_MEMORY_SHARE:.0%} of the free memory: read by {workers} DataLoader "
                 "workers every epoch")
-    data = FolderImages(split, classes_expected, mean, std, c["image_size"], device, workers,
-                        c.get("cutout", 0.0), shift(c))
+    data = FolderImages(None, classes_expected, mean, std, c["image_size"], device, workers,
+                        c.get("cutout", 0.0), shift(c), listed=(classes, samples))
     if bad_paths:
         data.leave_out(bad_paths)
     return data
@@ -679,10 +727,11 @@ def load_folder(split: Path, classes_expected, mean, std, c: dict, device: torch
 # -------------------------------------------------------------------- splits, shuffles and batches
 
 def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
-               download: bool = True, in_memory: bool | None = None):
+               download: bool = True, in_memory: bool | None = None,
+               taken: set[str] = frozenset()):
     """The training or test split named by config c, ready to hand out batches on `device`
     (train="val": a folder dataset's val/ folder). download=False: a torchvision dataset that is not
-    on disk is an error, and nothing is created."""
+    on disk is an error, and nothing is created. taken: a folder's files that other splits hold."""
     root = Path(c["data_dir"])
     mean, std = normalization(c)
     if c["dataset"] == "folder":
@@ -692,7 +741,7 @@ def load_split(c: dict, train: bool | str, device: torch.device, classes=None,
                             f"--dataset folder expects {root}/train/CLASS/*.jpg "
                             f"and {root}/test/CLASS/*.jpg")
         try:
-            return load_folder(split, classes, mean, std, c, device, in_memory)
+            return load_folder(split, classes, mean, std, c, device, in_memory, taken)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {split}: {e}") from None
     ds = _torchvision_split(c["dataset"], str(root), train, download)
@@ -758,10 +807,14 @@ def validation_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor
 def load_train_val(c: dict, device: torch.device, in_memory: bool | None = None):
     """(training split, validation split or None) for config c. A folder dataset with DATA_DIR/val/
     uses it as the validation split and the whole of train/; otherwise c["val_fraction"] of the
-    training images are held out (0: none)."""
-    train = load_split(c, True, device, in_memory=in_memory)
-    if c["dataset"] == "folder" and (Path(c["data_dir"]) / "val").is_dir():
-        return train, load_split(c, "val", device, classes=train.classes)
+    training images are held out (0: none). A file that test/ (or val/) holds too, through a link,
+    is left out of training (and of val/): each image is in one split only."""
+    root = Path(c["data_dir"])
+    tested = real_paths(root / "test") if c["dataset"] == "folder" else set()
+    validated = real_paths(root / "val") if c["dataset"] == "folder" else set()
+    train = load_split(c, True, device, in_memory=in_memory, taken=tested | validated)
+    if c["dataset"] == "folder" and (root / "val").is_dir():
+        return train, load_split(c, "val", device, classes=train.classes, taken=tested)
     if c["val_fraction"] <= 0:
         return train, None
     train_idx, val_idx = validation_indices(len(train), c["val_fraction"], c["seed"])

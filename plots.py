@@ -17,9 +17,10 @@ import torch
 # beyond this the confusion matrix is too wide to read: the worst pairs are listed
 MAX_MATRIX_CLASSES = 30
 
-def plot_curves(csv_path, png_path) -> None:
+def plot_curves(csv_path, png_path) -> int | None:
     """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation
-    and test.
+    and test. Returns the epoch its title names as best.pth's (None: no validation, or no
+    picture).
 
     Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
     means the backend of whatever program imports this module is left alone. A plot that cannot be
@@ -55,6 +56,7 @@ def plot_curves(csv_path, png_path) -> None:
             ax.grid(alpha=0.3)
             ax.legend()
         # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+        best = None
         if has_val:
             best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
             test = rows[best]["test_acc"]
@@ -66,9 +68,11 @@ def plot_curves(csv_path, png_path) -> None:
                          f"test accuracy {float(rows[-1]['test_acc']):.2%}", fontsize=10)
         fig.savefig(tmp)
         os.replace(tmp, png_path)  # a viewer never sees a half-written file
+        return epochs[best] if best is not None else None
     except (ImportError, OSError, ValueError, KeyError) as e:
         tmp.unlink(missing_ok=True)
         print(f"warning: could not draw {png_path}: {e}", file=sys.stderr)
+        return None
 
 
 def save_figure(fig, path: Path) -> None:

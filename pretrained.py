@@ -12,6 +12,8 @@ trains, the pretrained layers at LR x BACKBONE_LR_MULT and the head at LR.
 
 import http.client
 import urllib.error
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,9 +49,20 @@ def hub_folder() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def fetch_imagenet(c: dict, progress: bool = True) -> tuple[dict, list[str], str]:
-    """(state dict, class names, description) of the ImageNet weights for c's depth and BatchNorm,
-    downloaded into the torch hub cache once (hash-checked) and read from there afterwards."""
+@dataclass
+class Source:
+    """Pretrained weights as read from their file, before they go into a network."""
+    state: dict                 # the state dict, with torchvision's names
+    classes: list[str] | None   # the names of the head's classes, where the file says them
+    what: str                   # for the run's header: "vgg16_bn IMAGENET1K_V1", "best.pth (...)"
+    normalize: list             # [mean, std] the weights were trained with
+    file: Path                  # where they were read from
+    fix: str                    # what to do when they do not fit this run's network
+
+
+def fetch_imagenet(c: dict, progress: bool = True) -> Source:
+    """The ImageNet weights for c's depth and BatchNorm, downloaded into the torch hub cache once
+    (hash-checked) and read from there afterwards."""
     if c["width_div"] != 1:
         raise UserError(f"--pretrained imagenet needs the full-width network (--width-div 1), not "
                         f"--width-div {c['width_div']}: the ImageNet weights have VGG's full "
@@ -60,8 +73,10 @@ def fetch_imagenet(c: dict, progress: bool = True) -> tuple[dict, list[str], str
     try:
         # writes a temporary file and renames it only after the hash check: a download that is
         # cut off or corrupt leaves nothing in the cache
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
-                                                   progress=progress, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on the file's pickle protocol
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
+                                                       progress=progress, weights_only=True)
     except http.client.HTTPException as e:  # the connection ended before the whole file came
         raise UserError(f"the download of {url} was cut off ({type(e).__name__}); nothing was "
                         "kept, run again") from None
@@ -78,12 +93,18 @@ def fetch_imagenet(c: dict, progress: bool = True) -> tuple[dict, list[str], str
     except Exception as e:  # a truncated or foreign file in the cache
         raise UserError(f"{file} cannot be read ({type(e).__name__}): delete it and run again to "
                         "download it afresh") from None
-    return state, categories, f"{name} IMAGENET1K_V1"
+    if not (isinstance(state, dict) and state):
+        raise UserError(f"{file} in the torch hub cache is no state dict: delete it and run again "
+                        "to download it afresh")
+    return Source(checkpoints.plain_names(state), categories, f"{name} IMAGENET1K_V1",
+                  [list(IMAGENET_MEAN), list(IMAGENET_STD)], file,
+                  f"the file in the torch hub cache is not torchvision's {name}: delete {file} "
+                  "and run again to download it afresh")
 
 
-def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | None]:
-    """(state dict, class names or None, description, normalization or None) of a file given to
-    --pretrained: a checkpoint of this repo or a torchvision-format state dict."""
+def read_file(path: str, c: dict) -> Source:
+    """The weights of a file given to --pretrained: a checkpoint of this repo, or a state dict in
+    torchvision's format (also one saved from a model wrapped by DDP or torch.compile)."""
     try:
         ok = Path(path).is_file()
     except OSError:
@@ -92,10 +113,11 @@ def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | N
         raise UserError(f"--pretrained {path}: no such file (give imagenet, a checkpoint of this "
                         "repo, or a torchvision state dict)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = checkpoints.safe_load(path)
     except Exception:
         raise UserError(f"--pretrained {path} is not a PyTorch state dict or checkpoint that can "
                         "be loaded safely (weights_only=True)") from None
+    fix = "set --depth, --batch-norm/--no-batch-norm and --width-div to match"
     if isinstance(obj, dict) and {"model", "config", "classes"} <= obj.keys():
         src = obj["config"]
         held = (f"VGG{src.get('depth')}{'_bn' if src.get('batch_norm') else ''} "
@@ -103,68 +125,90 @@ def read_file(path: str, c: dict) -> tuple[dict, list[str] | None, str, list | N
         wanted = f"VGG{c['depth']}{'_bn' if c['batch_norm'] else ''} width/{c['width_div']}"
         if held != wanted:
             raise UserError(f"--pretrained {path} holds a {held}, but this run builds a {wanted}: "
-                            "set --depth, --batch-norm/--no-batch-norm and --width-div to match")
-        return (checkpoints.evaluated_weights(obj), list(obj["classes"]),
-                f"{Path(path).name} ({src.get('dataset')}, epoch {obj.get('epoch')})",
-                [list(s) for s in normalization(src)])
+                            f"{fix}")
+        return Source(checkpoints.evaluated_weights(obj), list(obj["classes"]),
+                      f"{Path(path).name} ({src.get('dataset')}, epoch {obj.get('epoch')})",
+                      [list(s) for s in normalization(src)], Path(path), fix)
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor)
                                                   for v in obj.values())):
         raise UserError(f"--pretrained {path} is neither a checkpoint of this repo nor a state "
                         "dict of tensors")
-    return obj, None, Path(path).name, None
+    # a torchvision-format file: torchvision trains on ImageNet's statistics
+    return Source(checkpoints.plain_names(obj), None, Path(path).name,
+                  [list(IMAGENET_MEAN), list(IMAGENET_STD)], Path(path), fix)
 
 
-def load_into(model: torch.nn.Module, state: dict, classes: list[str],
-              source_classes: list[str] | None, what: str) -> bool:
-    """Copy every tensor of `state` into `model` except the head when the classes differ (the
-    model's own freshly initialized head stays). Returns whether the head is new. Another
-    architecture is one line that says what the file holds."""
+def load_into(model: torch.nn.Module, source: Source, classes: list[str]) -> str:
+    """Copy every tensor of the source into `model` except the head when its classes differ (the
+    model's own freshly initialized head stays). Returns how the head was taken: "new", "own",
+    or "reordered" (the same class names in another order: its rows follow the names). Another
+    architecture, or values that are not finite, is one line that names the file."""
+    state = source.state
     own = model.state_dict()
     n_source = state[HEAD[0]].shape[0] if HEAD[0] in state else None
-    new_head = (n_source != len(classes) or
-                (source_classes is not None and list(source_classes) != list(classes)))
-    body = {k: v for k, v in state.items() if not (new_head and k in HEAD)}
-    missing = sorted(set(own) - set(body) - (set(HEAD) if new_head else set()))
-    extra = sorted(set(body) - set(own))
+    names = list(source.classes) if source.classes is not None else None
+    if names is not None and names != list(classes) and sorted(names) == sorted(classes) \
+            and len(set(names)) == len(names):
+        order = torch.tensor([names.index(name) for name in classes])
+        state = {**state, **{k: state[k][order] for k in HEAD if k in state}}
+        head = "reordered"
+    elif n_source != len(classes) or (names is not None and names != list(classes)):
+        head = "new"
+    else:
+        head = "own"
+    body = {k: v for k, v in state.items() if not (head == "new" and k in HEAD)}
+    check_fits(source, own, skip=HEAD if head == "new" else ())
+    model.load_state_dict(body, strict=False)
+    return head
+
+
+def check_fits(source: Source, own: dict, skip=HEAD) -> None:
+    """A source that cannot go into a network whose state dict is `own` (the tensors in `skip`
+    aside) is one line that names the file: values that are not finite, another architecture."""
+    state, what = source.state, f"--pretrained {source.file}"
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{what} holds values that are not finite (NaN or infinity) in {len(bad)} "
+                        f"tensor(s), e.g. {bad[0]}: a model cannot be trained from it")
+    missing = sorted(set(own) - set(state) - set(skip))
+    extra = sorted(set(state) - set(own) - set(skip))
     if missing or extra:
         raise UserError(f"{what} holds another architecture ({len(state)} tensors; e.g. "
                         f"{(missing or extra)[0]} {'is missing' if missing else 'is not in'} "
-                        f"this {len(own)}-tensor network): match --depth and --batch-norm")
-    for k, v in body.items():
-        if v.shape != own[k].shape:
+                        f"this {len(own)}-tensor network): {source.fix}")
+    for k, v in state.items():
+        if k not in skip and v.shape != own[k].shape:
             raise UserError(f"{what} holds another architecture: {k} has shape "
-                            f"{tuple(v.shape)}, this network {tuple(own[k].shape)} (another "
-                            "depth, width or BatchNorm setting)")
-    model.load_state_dict(body, strict=False)
-    return new_head
+                            f"{tuple(v.shape)}, this network {tuple(own[k].shape)}: {source.fix}")
 
 
-def describe(what: str, new_head: bool, n_classes: int) -> str:
-    return f"{what}, {'new head for' if new_head else 'its own head for'} {n_classes} classes"
+def describe(what: str, head: str, n_classes: int) -> str:
+    taken = {"new": "new head for", "own": "its own head for",
+             "reordered": "its own head, reordered for"}[head]
+    return f"{what}, {taken} {n_classes} classes"
 
 
 def load_pretrained(model: torch.nn.Module, c: dict, classes: list[str],
-                    fetched: tuple | None = None) -> str:
+                    source: Source | None = None) -> str:
     """Load c["pretrained"] into a freshly built model; returns the header's description.
-    fetched: what fetch() returned already (the download happens before anything is written)."""
-    state, source_classes, what, _ = fetched or fetch(c)
-    return describe(what, load_into(model, state, classes, source_classes, what), len(classes))
+    source: what fetch() returned already (the download happens before anything is written)."""
+    source = source or fetch(c)
+    return describe(source.what, load_into(model, source, classes), len(classes))
 
 
-def fetch(c: dict, progress: bool = True) -> tuple[dict, list[str] | None, str, list | None]:
-    """(state dict, class names or None, description, normalization or None) for
-    c["pretrained"]."""
-    if c["pretrained"] == "imagenet":
-        state, categories, what = fetch_imagenet(c, progress)
-        return state, categories, what, [list(IMAGENET_MEAN), list(IMAGENET_STD)]
-    state, names, what, normalize = read_file(c["pretrained"], c)
-    if normalize is None:  # a torchvision-format file: torchvision trains on ImageNet's statistics
-        normalize = [list(IMAGENET_MEAN), list(IMAGENET_STD)]
-    return state, names, what, normalize
+def fetch(c: dict, progress: bool = True) -> Source:
+    """The weights c["pretrained"] names: torchvision's ImageNet weights, or a file; checked
+    against the run's network (all but the head, which depends on the data) before anything is
+    written."""
+    source = fetch_imagenet(c, progress) if c["pretrained"] == "imagenet" else \
+        read_file(c["pretrained"], c)
+    with torch.device("meta"):  # shapes only
+        check_fits(source, net.build_model(c, 1).state_dict())
+    return source
 
 
 def fetch_once_per_machine(c: dict, local_rank: int | None, distributed: bool,
-                           device: torch.device | None = None):
+                           device: torch.device | None = None) -> Source:
     """fetch(), with one process per machine downloading under torchrun while the others wait for
     it; a failure is one line from rank 0, and the other processes exit quietly. `device`: where
     the process group's tensors live (NCCL and HCCL reduce only tensors on their device)."""

@@ -408,7 +408,8 @@ def all_finite(model: torch.nn.Module, run: Run) -> bool:
     return finite
 
 
-def build_state(run: Run, ckpt: dict | None, fetched: tuple | None = None) -> TrainingState:
+def build_state(run: Run, ckpt: dict | None,
+                fetched: pretrained.Source | None = None) -> TrainingState:
     """Model, optimizer, schedule, loss scaler and augmentation stream: fresh (the same initial
     weights on every process, or the pretrained ones `fetched`), or where last.pth left them."""
     c, device, world, rank = run.config, run.device, run.world, run.rank
@@ -609,6 +610,17 @@ def start_or_resume(config: dict, args, log) -> tuple[dict, dict | None]:
     return config, None
 
 
+def check_fine_tune(c: dict, args) -> None:
+    """FREEZE_EPOCHS and BACKBONE_LR_MULT act only on a run that starts from pretrained weights:
+    given without PRETRAINED they would be dropped without a word (a resumed run keeps its own)."""
+    if c["pretrained"] is None and not args.resume:
+        for key in ("freeze_epochs", "backbone_lr_mult"):
+            if key in args.explicit:
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{flag} acts on a run from pretrained weights, and this one has "
+                                f"none: add --pretrained (imagenet, or a file), or leave {flag} out")
+
+
 def check_save_dir_outside_data(c: dict) -> None:
     """A save folder inside a folder dataset's train/, val/ or test/ would become a class of it."""
     if c["dataset"] != "folder":
@@ -778,6 +790,7 @@ def main() -> tuple[TrainingState, dict]:
     config, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0],
                                     extra=extra_options, checks=(imagedata.check_settings,),
                                     recipes=True)
+    check_fine_tune(config, args)
     rank, world, local_rank = devices.setup_distributed()
     log = console if rank == 0 else (lambda *a, **k: None)
     save_dir = Path(config["save_dir"])
@@ -801,7 +814,7 @@ def main() -> tuple[TrainingState, dict]:
     if rank == 0:
         checkpoints.tidy_save_dir(save_dir, ckpt, log)
     if fetched is not None:  # the statistics the weights were trained with normalize the inputs
-        c["normalize"] = fetched[3]
+        c["normalize"] = fetched.normalize
 
     # ---- precision, data
     devices.prepare(device)
@@ -822,35 +835,45 @@ def main() -> tuple[TrainingState, dict]:
         # ---- model, optimizer, schedule: fresh, or where last.pth left them
         state = build_state(run, ckpt, fetched)
         del fetched
-        if ckpt is not None:
-            best = (f", best validation accuracy {state.best_acc:.2%}" if val_data is not None
-                    else "")
+        if ckpt is not None:  # (no validation has chosen a best epoch inside the first)
+            best = (f", best validation accuracy {state.best_acc:.2%}"
+                    if val_data is not None and state.epoch else "")
             run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
         old_run = checkpoints.OldRun(save_dir,
                                      replace=run.master and args.overwrite and ckpt is None)
         del ckpt
         n_val = len(val_data) if val_data is not None else 0
         run.log(header(run, state, len(train_data), n_val, len(test_data), amp_reason))
+        if c["pretrained"] is not None and c["freeze_epochs"] >= c["epochs"] and run.master:
+            console(f"warning: --freeze-epochs {c['freeze_epochs']} covers all {c['epochs']} "
+                    "epoch(s): only the new last layer trains, the pretrained layers never do",
+                    file=sys.stderr)
 
         # ---- training: Ctrl-C / SIGTERM finish the step, write last.pth and exit
         preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"], device)
         preemption.install()
         start_epoch, results = state.epoch, {}
         frozen = None
-        for epoch in range(start_epoch, c["epochs"]):
-            t0 = time.perf_counter()
-            if pretrained.frozen_at(c, epoch) != frozen:  # the first epoch, and the unfreeze
-                frozen = pretrained.frozen_at(c, epoch)
-                pretrained.set_frozen(state.model, frozen)
-                # DDP syncs the gradients of the parameters that need them when it is built
-                train_model = wrap(run, state.model)
-            totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
-                                     lambda ckpt: save_last(run, old_run, ckpt),
-                                     warn_slow=run.master and epoch == start_epoch)
-            totals = totals.summed(device, run.distributed)
-            results = finish_epoch(run, state, old_run, epoch, totals, val_data, test_data, t0)
-            if run.master:
-                preemption.saved()
+        try:
+            for epoch in range(start_epoch, c["epochs"]):
+                t0 = time.perf_counter()
+                if pretrained.frozen_at(c, epoch) != frozen:  # the first epoch, and the unfreeze
+                    frozen = pretrained.frozen_at(c, epoch)
+                    pretrained.set_frozen(state.model, frozen)
+                    # DDP syncs the gradients of the parameters that need them when it is built
+                    train_model = wrap(run, state.model)
+                totals = train_one_epoch(run, state, train_model, train_data, epoch, preemption,
+                                         lambda ckpt: save_last(run, old_run, ckpt),
+                                         warn_slow=run.master and epoch == start_epoch)
+                totals = totals.summed(device, run.distributed)
+                results = finish_epoch(run, state, old_run, epoch, totals, val_data, test_data, t0)
+                if run.master:
+                    preemption.saved()
+        except Diverged as e:  # say whether a good checkpoint of this run is there to go back to
+            kept = ("the last good checkpoint is kept" if run.last_path.exists() and not
+                    old_run.pending else "no checkpoint of this run was written"
+                    + ("; the previous run's files are as they were" if old_run.pending else ""))
+            raise Diverged(f"{e}; {kept}") from None
         if not c["test_every_epoch"]:
             results["best_test"] = test_best(run, state, test_data)
 
@@ -869,8 +892,8 @@ def run() -> tuple[TrainingState, dict] | None:
     try:
         return cli.run_main(main)
     except Diverged as e:
-        print(f"train.py: error: the loss became NaN or infinite at {e}; the last good checkpoint "
-              "is kept (try a lower --lr, or --amp off)", file=sys.stderr)
+        print(f"train.py: error: the loss became NaN or infinite at {e} (try a lower --lr, or "
+              "--amp off)", file=sys.stderr)
         sys.exit(3)
     except Exception as e:
         if devices.is_out_of_memory(e):
@@ -892,6 +915,7 @@ def run() -> tuple[TrainingState, dict] | None:
     finally:
         # for callers that run main() again in the same process (the tests)
         checkpoints.unlock_save_dir()
+        devices.leave_process_group()
 
 
 if __name__ == "__main__":

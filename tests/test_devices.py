@@ -57,6 +57,25 @@ def test_auto_precision_on_a_cpu_follows_what_was_measured(vendor, amx, avx512_b
 
 
 @pytest.mark.quick
+def test_a_torch_that_cannot_ask_for_amx_reads_the_flags_of_the_os(monkeypatch):
+    """torch 2.3 has no torch.cpu._is_amx_tile_supported: the flags Linux lists decide, and where
+    none can be read the first line says that it is unknown, not that the CPU lacks AMX."""
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    flags = devices.cpu_flags()
+    if flags is not None:
+        assert devices.cpu_has("amx_tile") == ("amx_tile" in flags)
+        with open("/proc/cpuinfo") as f:
+            assert ("amx_tile" in f.read().split()) == devices.cpu_has("amx_tile")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: None)
+    monkeypatch.setattr(devices, "cpu_vendor", lambda: "GenuineIntel")
+    assert devices.cpu_has("amx_tile") is None
+    dtype, reason = devices.amp_choice(CPU, "auto")
+    assert dtype is None and "no AMX" not in reason and "whether" in reason
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"amx_tile", "avx512_bf16"})
+    assert devices.amp_choice(CPU, "auto") == (torch.bfloat16, "auto: this CPU has AMX")
+
+
+@pytest.mark.quick
 def test_the_cpu_vendor_is_read_from_the_machine():
     """The name the CPU itself reports (cpuid's vendor string), on the OS this runs on."""
     vendor = devices.cpu_vendor()
@@ -358,7 +377,7 @@ def test_the_device_stream_that_dropout_uses_is_saved_and_restored(monkeypatch):
 # ------------------------------------------------------------------------ out of memory, slow CPUs, Ctrl-C
 
 @pytest.mark.parametrize("error", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 392.00 MiB. GPU 0 has a total capacity of 15.89 GiB"),
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("CUDA out of memory. Tried to allocate 392.00 MiB. GPU 0 has a total capacity of 15.89 GiB"),
     RuntimeError("MPS backend out of memory (MPS allocated: 17.61 GB, other allocations: 1.22 GB, max allowed: "
                  "18.13 GB). Tried to allocate 392.00 MB on private pool."),
     RuntimeError("NPU out of memory. Tried to allocate 392.00 MiB (NPU 0; 32.00 GiB total capacity)"),

@@ -199,3 +199,60 @@ def test_listing_many_classes_resolves_each_folder_a_few_times_not_once_per_clas
     names, samples = imagedata.list_images(tmp_path)
     assert names == classes and [k for _, k in samples] == list(range(1000))
     assert calls <= 5 * len(classes), calls
+
+
+def test_an_image_is_never_in_two_splits_whatever_links_lead_there(root, capsys):
+    """A link inside train/ that leads up and into test/ (`ln -s ../.. train/cat/up`), a link to one
+    test image, and a file linked twice inside train/: training leaves out every file test/ holds,
+    and takes each file once; a warning counts what was left out."""
+    (root / "train" / "cat" / "up").symlink_to("../..")
+    test_file = next((root / "test" / "dog").iterdir())
+    (root / "train" / "dog" / "copy.png").symlink_to(test_file)
+    first = sorted((root / "train" / "cat").glob("*.png"))[0]
+    (root / "train" / "cat" / "twice.png").symlink_to(first)
+    train, _ = imagedata.load_train_val(config(root), CPU)
+    test = imagedata.load_split(config(root), False, CPU, classes=train.classes)
+    real = lambda data: [os.path.realpath(data.name(i)) for i in range(len(data))]  # noqa: E731
+    assert not set(real(train)) & set(real(test))
+    assert len(real(train)) == len(set(real(train))) == 12  # the 12 images of train/, once each
+    err = capsys.readouterr().err
+    line, = [l for l in err.splitlines() if l.startswith("warning")]
+    assert "left out" in line and "7 that another split holds" in line and "1 linked twice" in line
+
+
+def test_a_validation_folder_may_lack_a_class_and_keeps_the_training_numbers(root, capsys):
+    """val/ and test/ without "cat": their "dog" images keep label 1 of the training list, and a
+    class that training has not got is one line."""
+    for split in ("val", "test"):
+        for i in range(3):
+            png(root / split / "dog" / f"{i}.png")
+    import shutil
+    shutil.rmtree(root / "test" / "cat")
+    train, val = imagedata.load_train_val(config(root), CPU)
+    test = imagedata.load_split(config(root), False, CPU, classes=train.classes)
+    assert train.classes == ["cat", "dog"]
+    assert val.labels.tolist() == [1, 1, 1] and test.labels.tolist() == [1, 1, 1, 1, 1, 1]
+    png(root / "val" / "emu" / "0.png")
+    with pytest.raises(cli.UserError, match="emu"):
+        imagedata.load_train_val(config(root), CPU)
+
+
+def test_a_run_begun_under_utf8_goes_on_under_another_file_system_encoding(tmp_path):
+    """Class folders named in UTF-8 ("café", "naïve"), a run of one epoch, then --resume and test.py
+    under the C locale without UTF-8 (Python's file-system encoding is then ASCII, and each
+    non-ASCII byte comes back as a lone surrogate): the classes are the same names, not two
+    spellings of them."""
+    from conftest import TINY, load, run_script
+    root = make_folder(tmp_path / "d", n_train=8, n_test=4, classes=("café", "naïve"))
+    save = tmp_path / "save"
+    run_script("train.py", *TINY, "--dataset", "folder", "--data-dir", root, "--workers", "0",
+               "--val-fraction", "0", "--save-dir", save, check=True)
+    ascii_env = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                 "PYTHONIOENCODING": "ascii:backslashreplace"}
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--save-dir", save,
+                      env=ascii_env)
+    assert proc.returncode == 0, proc.stderr
+    assert load(save / "last.pth")["classes"] == ["café", "naïve"]
+    proc = run_script("test.py", "--checkpoint", save / "best.pth", "--device", "cpu",
+                      env=ascii_env)
+    assert proc.returncode == 0 and "test accuracy: " in proc.stdout, proc.stderr

@@ -460,3 +460,30 @@ def test_decoding_in_worker_processes_gives_the_same_split(tmp_path, capsys):
     pooled = imagedata.load_split(folder_config(tmp_path, workers=2), False, CPU)
     assert serial.images.shape == (600, 3, 8, 8) and serial.pad == 1
     assert torch.equal(serial.images, pooled.images) and torch.equal(serial.labels, pooled.labels)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist", "cifar10"])
+def test_the_normalization_constants_are_those_of_the_training_images(dataset):
+    """Each dataset's mean and standard deviation per channel, measured on its real training split
+    (MNIST and Fashion-MNIST whole, to 1e-4; CIFAR-10 on 10,000 images of the JPEG copy, whose
+    compression smooths the pixels a little: to 3e-3)."""
+    from PIL import Image
+    if dataset == "cifar10":
+        folder = REAL_DATA / "cifar10-jpeg" / "train"
+        if not folder.is_dir():
+            pytest.skip(f"cifar10-jpeg not found under {REAL_DATA}")
+        files = sorted(folder.glob("*/*"))
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:10_000]
+        pixels = np.stack([np.asarray(Image.open(files[i]).convert("RGB")) for i in chosen])
+        pixels, tolerance = pixels.reshape(-1, 3) / 255.0, 3e-3
+    else:
+        from torchvision import datasets
+        cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+        try:
+            pixels = cls(str(REAL_DATA), train=True, download=False).data.numpy().reshape(-1, 1)
+        except RuntimeError:
+            pytest.skip(f"{dataset} not found under {REAL_DATA}")
+        pixels, tolerance = pixels / 255.0, 1e-4
+    mean, std = imagedata.DATASETS[dataset].stats
+    assert pixels.mean(0) == pytest.approx(mean, abs=tolerance)
+    assert pixels.std(0) == pytest.approx(std, abs=tolerance)

@@ -168,18 +168,20 @@ def test_imagenet_weights_load_offline_from_the_hub_cache(vgg11_file, tmp_path, 
     shutil.copy(vgg11_file, cached)
     c = {"depth": 11, "batch_norm": False, "width_div": 1, "dropout": 0.5,
          "pretrained": "imagenet"}
-    state, names, what, normalize = pretrained.fetch(c)
-    assert what == "vgg11 IMAGENET1K_V1" and names == categories and len(names) == 1000
-    assert normalize == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
+    source = pretrained.fetch(c)
+    names = source.classes
+    assert source.what == "vgg11 IMAGENET1K_V1" and names == categories and len(names) == 1000
+    assert source.normalize == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
+    assert source.file == cached
     ours = net.build_model(c, 1000)
-    assert pretrained.load_into(ours, state, names, names, what) is False  # ImageNet's own head
+    assert pretrained.load_into(ours, source, names) == "own"  # ImageNet's own head
     theirs = torchvision.models.vgg11()
     theirs.load_state_dict(torch.load(vgg11_file, weights_only=True))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
         small = net.build_model(c, 5)
-        assert pretrained.load_into(small, state, [str(k) for k in range(5)], names, what)
+        assert pretrained.load_into(small, source, [str(k) for k in range(5)]) == "new"
         assert torch.equal(small.features(x), theirs.features(x))
 
 
@@ -187,10 +189,10 @@ def test_the_download_runs_through_a_file_url_and_checks_the_hash(vgg11_file, tm
                                                                   monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("TORCH_HOME", str(home))
-    c = {"depth": 11, "batch_norm": False, "width_div": 1, "pretrained": "imagenet"}
+    c = {"depth": 11, "batch_norm": False, "width_div": 1, "dropout": 0.5, "pretrained": "imagenet"}
     monkeypatch.setattr(pretrained, "imagenet_weights",
                         lambda name: (vgg11_file.as_uri(), ["x"] * 1000))
-    state, *_ = pretrained.fetch(c, progress=False)
+    pretrained.fetch(c, progress=False)
     downloaded = home / "hub" / "checkpoints" / vgg11_file.name
     assert downloaded.read_bytes() == vgg11_file.read_bytes()
     # the same bytes under a name whose hash digits do not match: refused, nothing kept
@@ -249,3 +251,131 @@ def test_a_fine_tune_from_imagenet_weights_end_to_end(vgg11_file, tmp_path, monk
     for ch in range(3):  # each channel: the grey image normalized with that channel's statistics
         expected = (up - pretrained.IMAGENET_MEAN[ch]) / pretrained.IMAGENET_STD[ch]
         assert torch.allclose(x[0, ch], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------ sources that mislead, round four
+
+def one_error(monkeypatch, capsys, *args) -> str:
+    """train.py ARGS in this process, expected to stop with one line and exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        run_train_in_process(monkeypatch, *args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_state_dict_saved_from_a_ddp_or_compiled_model_loads(source, photos, tmp_path,
+                                                               monkeypatch, capsys):
+    """A torchvision-format file whose keys carry DDP's `module.` (or torch.compile's `_orig_mod.`)
+    loads like the plain network's, instead of being blamed on --depth or --batch-norm."""
+    state = load(source)["model"]
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = tmp_path / f"{prefix.strip('.')}.pth"
+        torch.save({prefix + k: v for k, v in state.items()}, wrapped)
+        run_train_in_process(monkeypatch, *FOLDER_RUN, "--data-dir", photos, "--pretrained",
+                             wrapped, "--epochs", "1", "--save-dir", tmp_path / prefix)
+        after = load(tmp_path / prefix / "last.pth")["model"]
+        assert not weight_differences(body(state), body(after))
+    capsys.readouterr()
+
+
+def test_a_legacy_pickle_as_pretrained_is_one_line_without_torch_warnings(photos, tmp_path):
+    """A plain pickle of a state dict (no zip container): torch warned about its pickle protocol
+    in two lines before the error. Run as a user runs it, so that every warning reaches stderr."""
+    import pickle
+    raw = tmp_path / "raw.pkl"
+    with open(raw, "wb") as f:
+        pickle.dump({"features.0.weight": torch.zeros(1)}, f)
+    proc = run_script("train.py", *FOLDER_RUN, "--data-dir", photos, "--pretrained", raw,
+                      "--save-dir", tmp_path / "save")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert str(raw) in line and "weights_only" in line
+    assert not (tmp_path / "save").exists()
+
+
+def test_weights_that_are_not_finite_are_refused_and_a_first_epoch_divergence_says_no_checkpoint(
+        source, photos, tmp_path, monkeypatch, capsys):
+    state = dict(load(source)["model"])
+    state["features.0.weight"] = state["features.0.weight"].clone()
+    state["features.0.weight"][0, 0, 0, 0] = float("nan")
+    nan = tmp_path / "nan.pth"
+    torch.save(state, nan)
+    err = one_error(monkeypatch, capsys, *FOLDER_RUN, "--data-dir", photos, "--pretrained", nan,
+                    "--save-dir", tmp_path / "save")
+    assert str(nan) in err and "not finite" in err and "features.0.weight" in err
+    assert not (tmp_path / "save").exists()
+    # a run that diverges before its first save has no good checkpoint to speak of
+    with pytest.raises(SystemExit) as e:
+        run_train_in_process(monkeypatch, *FOLDER_RUN, "--data-dir", photos, "--lr", "1e30",
+                             "--save-dir", tmp_path / "diverged")
+    err = capsys.readouterr().err
+    line, = [l for l in err.splitlines() if "error:" in l]
+    assert e.value.code == 3 and "no checkpoint of this run was written" in line
+    assert "last good checkpoint" not in line
+
+
+def test_a_wrong_file_in_the_hub_cache_is_named_with_how_to_remove_it(vgg11_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A valid state dict of other shapes under the ImageNet file's name (a vgg11 where vgg11_bn
+    belongs): the line names the cached file and says to delete it, not the run's settings."""
+    url, _ = pretrained.imagenet_weights("vgg11_bn")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    shutil.copy(vgg11_file, cached)
+    photos = make_folder(tmp_path / "d", n_train=4, n_test=2, classes=("a", "b"))
+    err = one_error(monkeypatch, capsys, "--dataset", "folder", "--data-dir", photos,
+                    "--pretrained", "imagenet", "--depth", "11", "--image-size", "32",
+                    "--device", "cpu", "--workers", "0", "--save-dir", tmp_path / "save")
+    assert str(cached) in err and "delete" in err and "--depth" not in err, err
+    assert not (tmp_path / "save").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--freeze-epochs", "2"), ("--backbone-lr-mult", "0.5")])
+def test_fine_tune_settings_without_pretrained_weights_are_one_line(flag, value, photos, tmp_path,
+                                                                    monkeypatch, capsys):
+    err = one_error(monkeypatch, capsys, *FOLDER_RUN, "--data-dir", photos, flag, value,
+                    "--save-dir", tmp_path / "save")
+    assert flag in err and "--pretrained" in err
+    assert not (tmp_path / "save").exists()
+
+
+def test_freezing_every_epoch_is_said(source, photos, tmp_path, monkeypatch, capsys):
+    run_train_in_process(monkeypatch, *FOLDER_RUN, "--data-dir", photos, "--pretrained", source,
+                         "--freeze-epochs", "3", "--epochs", "2", "--save-dir", tmp_path)
+    err = capsys.readouterr().err
+    assert "--freeze-epochs 3" in err and "never" in err
+    assert not weight_differences(body(load(source)["model"]),
+                                  body(load(tmp_path / "last.pth")["model"]))
+
+
+def test_the_same_classes_in_another_order_keep_their_head_by_name(tmp_path):
+    """A source trained on ["dog", "cat", "ant"] fine-tuned onto a folder listed as ["ant", "cat",
+    "dog"]: the head's rows follow the names, so each class's logit is the one the source gave
+    that class (against the source network's own outputs)."""
+    c = {"depth": 16, "batch_norm": True, "width_div": 16, "dropout": 0.0}
+    torch.manual_seed(1)
+    theirs = net.build_model(c, 3).eval()
+    src = pretrained.Source(theirs.state_dict(), ["dog", "cat", "ant"], "src.pth", [], Path("s"),
+                            "")
+    ours = net.build_model(c, 3).eval()
+    assert pretrained.load_into(ours, src, ["ant", "cat", "dog"]) == "reordered"
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x)[:, [2, 1, 0]], atol=1e-6)
+    other = net.build_model(c, 3)
+    assert pretrained.load_into(other, src, ["ant", "bee", "dog"]) == "new"
+
+
+def test_after_the_unfreeze_batchnorm_statistics_follow_the_new_data(source, photos, tmp_path,
+                                                                      monkeypatch):
+    """The frozen epoch keeps the source's BatchNorm statistics; the next one trains the body in
+    train mode, so they move towards the folder's images."""
+    run_train_in_process(monkeypatch, *FOLDER_RUN, "--data-dir", photos, "--pretrained", source,
+                         "--epochs", "2", "--save-dir", tmp_path)
+    before = load(source)["model"]
+    first, second = load(tmp_path / "epoch_001.pth")["model"], load(tmp_path / "epoch_002.pth")["model"]
+    stats = [k for k in before if "running_" in k]
+    assert stats and all(torch.equal(first[k], before[k]) for k in stats)
+    assert all(not torch.equal(second[k], before[k]) for k in stats)

@@ -155,3 +155,18 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoin
     assert not weight_differences(last["model"], load(tmp_path / "epoch_001.pth")["model"])
     assert not (tmp_path / "epoch_002.pth").exists()
 
+
+
+def test_a_resume_inside_the_first_epoch_names_no_best_accuracy(data, tmp_path):
+    """Stopped inside epoch 1 (saved every few steps, then SIGTERM): no validation has chosen a best
+    epoch yet, so the resume line names none (it said "best validation accuracy 0.00%")."""
+    proc = popen(*RUN, "--save-every-minutes", "0.0001", "--data-dir", data, "--save-dir", tmp_path)
+    wait_for(lambda: (tmp_path / "last.pth").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    stopped = load(tmp_path / "last.pth")
+    assert stopped["epoch"] == 0 and stopped["step"] > 0
+    proc = run_script("train.py", "--resume", "--epochs", "1", "--data-dir", data, "--save-dir", tmp_path,
+                      check=True)
+    line, = [l for l in proc.stdout.splitlines() if l.startswith("resumed")]
+    assert line.endswith(f"epoch 1, step {stopped['step']}") and "best" not in line

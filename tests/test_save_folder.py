@@ -187,6 +187,40 @@ def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_
     assert not metrics.exists() and not list(saved.glob(".*tmp*"))
 
 
+def test_a_checkpoint_that_cannot_be_written_whole_is_one_line_and_leaves_nothing_behind(
+        saved, small):
+    """The file system refuses to let the checkpoint grow (a size limit on the process, as a full
+    disk does once it fills): at 8 KB torch's zip writer fails with a RuntimeError of its own
+    ("unexpected pos"), which used to leave a traceback and the temporary file. One line, exit 2,
+    no temporary file left, the earlier files intact, and --resume then goes on."""
+    def limit():  # for the child only: files of at most 8 KB, and the signal for more ignored
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+    before = digests(saved)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--epochs", "2",
+                           "--save-dir", str(saved), "--data-dir", str(small)], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = one_line(error_lines(proc.stderr)[0])
+    assert "could not write" in line and "epoch_002.pth" in line and "unchanged" in line
+    assert not list(saved.glob(".*tmp*"))
+    assert digests(saved) == before
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--epochs", "2",
+                           "--save-dir", str(saved), "--data-dir", str(small)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert load(saved / "last.pth")["epoch"] == 2
+
+
+def test_a_save_folder_that_is_a_dangling_link_is_one_line(small, tmp_path, capsys, handlers):
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "nowhere")
+    code, err = call(train.run, "train.py", [*TINY, "--data-dir", small, "--save-dir", link], capsys)
+    line = one_line(error_lines(err)[0])
+    assert code == 2 and str(link) in line and "nowhere" in line and "File exists" not in line
+    assert not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("sink", ["closed-pipe", "dev-full"])
 def test_training_survives_output_nobody_reads(sink, small, tmp_path):
     """python train.py | head -1 (stdout), or > /dev/full 2>&1 (stdout and the progress bar on stderr):

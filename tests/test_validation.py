@@ -108,6 +108,21 @@ def test_best_pth_follows_validation_accuracy_not_test_accuracy(tmp_path, monkey
         assert [r["val_acc"] for r in csv.DictReader(f)] == ["", "", ""]
 
 
+def test_a_validation_tie_keeps_the_first_epoch_in_training_restore_and_curves(tmp_path, monkeypatch):
+    """Epochs 2 and 3 validate equally: training keeps epoch 2 (a tie is no improvement), a deleted
+    best.pth is restored from epoch 2, and curves.png names epoch 2."""
+    import plots
+    data = make_mnist(tmp_path / "data", n_train=200, n_test=64)
+    save = tmp_path / "save"
+    run_train([*TINY, "--epochs", "3", "--data-dir", data, "--save-dir", save], monkeypatch,
+              {"val": [0.5, 0.7, 0.7], "test": [0.9, 0.1, 0.95]})
+    assert load(save / "best.pth")["epoch"] == 2 and load(save / "last.pth")["best_acc"] == 0.7
+    assert plots.plot_curves(save / "metrics.csv", tmp_path / "curves.png") == 2
+    (save / "best.pth").unlink()
+    assert checkpoints.restore_best(save, load(save / "last.pth"), lambda *a: None)
+    assert load(save / "best.pth")["epoch"] == 2
+
+
 def test_resume_keeps_the_split_and_an_old_checkpoint_resumes_without_one(tmp_path, monkeypatch, capsys):
     data = make_mnist(tmp_path / "data", n_train=200, n_test=64)
     save = tmp_path / "save"
