@@ -301,9 +301,13 @@ def lock_save_dir(folder: Path) -> None:
         except FileNotFoundError:
             pass
         f.close()
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk: the lock holds without the pid in it
+        print(f"warning: could not write this process's pid to {path} "
+              f"({write_failure(e, folder)})", file=sys.stderr)
     _lock = (f, path)
 
 
@@ -319,10 +323,13 @@ def unlock_save_dir() -> None:
 
 
 def check_writable(folder: Path) -> None:
-    if folder.is_symlink() and not folder.exists():
-        raise UserError(f"the save folder {folder} is a link to {os.readlink(folder)}, which does "
-                        "not exist: create that folder, or give another --save-dir")
     try:
+        if folder.is_symlink() and not folder.exists():
+            raise UserError(f"the save folder {folder} is a link to {os.readlink(folder)}, which "
+                            "does not exist: create that folder, or give another --save-dir")
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"the save folder {folder} is not a folder (a file or a device): "
+                            "give another --save-dir")
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test{os.getpid()}"
         probe.write_bytes(b"")

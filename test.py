@@ -293,19 +293,22 @@ def write_csv(path: Path, rows: list[list[str]]) -> None:
 
 def output_dir(args, inputs: list[tuple[Path, str]]) -> Path | None:
     """The folder the pictures and CSV files go to: --out, else the checkpoint's. Never one inside
-    `inputs` (folders of images, each with what it is): the next run would read the pictures as
+    `inputs` (folders of images, each with how to name it): the next run would read the pictures as
     images. One that cannot be written is a warning, and None: the report is still printed, and
     the exit code is then 2 (args.lost_pictures)."""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     what = (f"--out {out}" if args.out else
             f"{out}, the checkpoint's folder (where the pictures go without --out),")
-    if out.is_file():
-        raise UserError(f"{what} is a file, not a folder: give --out a folder")
-    for folder, role in inputs:
-        if out.resolve().is_relative_to(folder.resolve()):
-            raise UserError(f"{what} is inside {role} {folder}, where its pictures would be read as "
-                            "images the next time: give --out a folder outside it")
     try:
+        if out.is_symlink() and not out.exists():
+            raise UserError(f"{what} is a link to {os.readlink(out)}, which does not exist: "
+                            "create that folder, or give --out another")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{what} is a file, not a folder: give --out a folder")
+        for folder, named in inputs:
+            if out.resolve().is_relative_to(folder.resolve()):
+                raise UserError(f"{what} is inside {named}, where its pictures would be read as "
+                                "images the next time: give --out a folder outside it")
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test{os.getpid()}"
         probe.write_bytes(b"")
@@ -324,8 +327,8 @@ def data_folders(c: dict) -> list[tuple[Path, str]]:
     if c["dataset"] != "folder":
         return []
     root = Path(c["data_dir"])
-    return [(root / split, f"the dataset's {split}/") for split in ("train", "val", "test")
-            if (root / split).is_dir()]
+    return [(root / split, f"the dataset's {split}/ ({root / split})")
+            for split in ("train", "val", "test") if (root / split).is_dir()]
 
 
 # ---------------------------------------------------------------------------------- your own images
@@ -410,7 +413,9 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
 
     files = find_images(args.image, report)
-    inputs = [(Path(p), "the --image folder") for p in args.image if Path(p).is_dir()]
+    # the folders the images come from (a file's own folder too: `--image photos/*` again)
+    inputs = [(Path(p), f"--image folder {p}") if Path(p).is_dir() else
+              (Path(p).parent, f"{Path(p).parent}, the folder of --image {p}") for p in args.image]
     out = output_dir(args, inputs + data_folders(c)) if files else None
     rows = [["file", "predicted", "probability", f"top_{args.top_k}"]]
     layer, name = gradcam.cam_layer(model, c["image_size"])

@@ -313,7 +313,7 @@ def test_special_paths(saved, data, tmp_path, test_script, capsys):
                                               "--image", fifo], capsys)  # never opened: it would block
     assert code == 2 and "is not a regular file" in one_line(err)
     code, err = call(train.run, "train.py", ["--save-dir", "/dev/null", "--data-dir", data, *TINY], capsys)
-    assert code == 2 and "cannot write to the save folder /dev/null" in one_line(err)
+    assert code == 2 and "/dev/null" in one_line(err) and "not a folder" in one_line(err)
     code, err = call(train.run, "train.py", ["--save-dir", tmp_path / ("y" * 300), "--data-dir", data, *TINY],
                      capsys)
     assert code == 2 and "name too long" in one_line(err).lower()

@@ -110,6 +110,8 @@ def test_pictures_never_go_into_a_split_or_an_image_folder(tmp_path):
     cases = [(["--checkpoint", ckpt, "--out", root / "test" / "cat"], "test/"),
              (["--checkpoint", ckpt, "--image", root / "test" / "dog", "--out", root / "test" / "dog"],
               "--image"),
+             (["--checkpoint", ckpt, "--image", root / "test" / "dog" / "0.png", "--out",
+               root / "test" / "dog"], "--image"),
              (["--checkpoint", inside], "test/")]
     for args, words in cases:
         proc = run_script("test.py", *args, "--device", "cpu")
@@ -120,13 +122,19 @@ def test_pictures_never_go_into_a_split_or_an_image_folder(tmp_path):
     assert sorted(p.name for p in (root / "test").rglob("*")) == before
 
 
-def test_out_naming_the_checkpoint_file_says_so(tmp_path):
+def test_out_naming_the_checkpoint_file_or_a_dangling_link_says_so(tmp_path):
     root = image_folder(tmp_path / "d", ["cat", "dog"])
     ckpt = checkpoint(tmp_path / "run" / "m.pth", folder_config(data_dir=str(root)), ["cat", "dog"])
     proc = run_script("test.py", "--checkpoint", ckpt, "--out", ckpt, "--device", "cpu")
     assert proc.returncode == 2
     line, = proc.stderr.strip().splitlines()
     assert "--out" in line and str(ckpt) in line and "is a file" in line and "data" not in line
+    (tmp_path / "pictures").symlink_to(tmp_path / "nowhere")
+    proc = run_script("test.py", "--checkpoint", ckpt, "--out", tmp_path / "pictures", "--device",
+                      "cpu")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert "pictures" in line and "nowhere" in line and "does not exist" in line
 
 
 @pytest.fixture

@@ -212,13 +212,20 @@ def test_a_checkpoint_that_cannot_be_written_whole_is_one_line_and_leaves_nothin
     assert load(saved / "last.pth")["epoch"] == 2
 
 
-def test_a_save_folder_that_is_a_dangling_link_is_one_line(small, tmp_path, capsys, handlers):
+def test_a_save_folder_that_is_a_dangling_link_or_a_file_is_one_line(small, tmp_path, capsys,
+                                                                     handlers):
     link = tmp_path / "runs"
     link.symlink_to(tmp_path / "nowhere")
     code, err = call(train.run, "train.py", [*TINY, "--data-dir", small, "--save-dir", link], capsys)
     line = one_line(error_lines(err)[0])
     assert code == 2 and str(link) in line and "nowhere" in line and "File exists" not in line
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = call(train.run, "train.py", [*TINY, "--data-dir", small, "--save-dir",
+                                             tmp_path / "notes.txt"], capsys)
+    line = one_line(error_lines(err)[0])
+    assert code == 2 and "notes.txt" in line and "not a folder" in line
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("sink", ["closed-pipe", "dev-full"])
