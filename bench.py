@@ -10,7 +10,7 @@ The pipelines, each training the same architecture at the same batch size with S
   (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from
       a seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where
       supported, SGD's fused step on CPU and CUDA, and below 64 px the first Linear on the 1x1 map
-      (net.VGG.sum_1x1): the training step of train.py.
+      (net.VGG.first_linear_on_1x1): the training step of train.py.
   (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a
       DataLoader, then per batch a numpy round trip that copies the 1 channel into 3, fp32. The
       model is this repo's net.vgg with its layers run as written (the tutorial's own had a softmax
@@ -39,6 +39,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,14 +49,17 @@ from torch import nn
 import cli
 import devices
 import imagedata
+import net
 from errors import UserError
 from imagedata import DATASETS
 from net import vgg
 
 # ----------------------------------------------------------------------------------------- settings
 # Edit these, or override any of them on the command line: python bench.py --batch-size 128
-DATASET = "mnist"        # mnist | fashion-mnist | synthetic (random uint8 images of MNIST shape);
-                         # with --quick a missing one falls back to synthetic
+DATASET: Literal["mnist", "fashion-mnist", "synthetic"] = "mnist"  # synthetic: random uint8 images
+                                                                   # of MNIST shape; with --quick a
+                                                                   # missing dataset falls back to
+                                                                   # it
 DATA_DIR = os.environ.get("DATA_DIR", "data")  # dataset root (environment variable DATA_DIR, else
                                                # ./data)
 IMAGE_SIZE = 32          # input side in pixels (>= 32); --quick: 32
@@ -66,18 +70,28 @@ BATCH_NORM = True        # BatchNorm after each convolution (train.py's default)
 STEPS = 10               # timed steps per pipeline, the median step time is reported; --quick: 3
 WARMUP = 2               # untimed steps before them (allocator, oneDNN/cuDNN kernel choice);
                          # --quick: 1
-WORKERS = None           # DataLoader workers for (b) and (c); None: 0 on a CPU (workers would take
-                         # its cores), 4 on an accelerator (the CPU only feeds it)
+WORKERS: int | None = None  # DataLoader workers for (b) and (c); None: 0 on a CPU (workers would
+                            # take its cores), 4 on an accelerator (the CPU only feeds it)
 DEVICE = "auto"          # auto (cuda > npu > mps > cpu) | cuda | cuda:1 | npu | mps | cpu
-AMP = "auto"             # autocast dtype of (a): auto (bf16 where it is faster) | bf16 | fp16 | off
+AMP: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype of (a); auto: bf16 where it
+                                                      # is faster
 COMPILE = False          # torch.compile the model of (a)
 QUICK = False            # small settings for CI (the --quick values above; 5 matmuls), synthetic
                          # data if the dataset is absent; a value typed on the command line wins
-JSON = None              # also write the results to this JSON file
+JSON: str | None = None  # also write the results to this JSON file
 # --------------------------------------------------------------------------------------------------
-DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
-FLAGS = {"dataset": {"choices": ("mnist", "fashion-mnist", "synthetic")},
-         "workers": {"type": int, "metavar": "INT"}, "json": {"metavar": "PATH"}}
+DEFAULTS = cli.settings(globals())  # the block above ends here: a constant below is no setting
+
+# What each value must be (a failure is one line, exit code 2).
+RULES = [
+    ("image_size", f"from {net.MIN_IMAGE_SIZE} to {net.MAX_IMAGE_SIZE} pixels",
+     lambda v: net.MIN_IMAGE_SIZE <= v <= net.MAX_IMAGE_SIZE),
+    ("batch_size", f"from 1 to {2**31 - 1}", lambda v: 1 <= v <= 2**31 - 1),
+    ("width_div", f"one of {', '.join(map(str, net.WIDTH_DIVS))} (it divides 64)",
+     lambda v: v in net.WIDTH_DIVS),
+    ("steps", "at least 1", lambda v: v >= 1), ("warmup", ">= 0", lambda v: v >= 0),
+    ("workers", "from 0 to 256", lambda v: 0 <= v <= 256),
+]
 
 # Fixed for every measurement.
 QUICK_SETTINGS = {"image_size": 32, "batch_size": 64, "width_div": 4, "warmup": 1, "steps": 3}
@@ -97,10 +111,10 @@ UNSTEADY = 1.25           # matmul speed varying more than this within the run: 
 
 def parse_args(argv=None):
     """The settings above as the command line gives them; --quick's values for those not typed."""
-    _, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], argv=argv, flags=FLAGS)
+    _, args = cli.parse(DEFAULTS, __doc__.splitlines()[0], argv=argv, rules=RULES)
     if args.quick:
         for name, value in QUICK_SETTINGS.items():
-            if name not in args.explicit:
+            if name not in args.given:
                 setattr(args, name, value)
     args.matmul_reps = MATMUL_REPS[args.quick]
     return args
@@ -175,13 +189,25 @@ def flops_per_image(build, image_size: int, batch_size: int) -> float:
     compute)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = build()
+        model = AsWritten(build())  # the FLOPs of the network as written, whatever (a) skips
         x = torch.empty(batch_size, 3, image_size, image_size)
         y = torch.zeros(batch_size, dtype=torch.long)
-        model.sum_1x1 = False  # the FLOPs of the network as written, whatever (a) skips
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / batch_size
+
+
+class AsWritten(nn.Module):
+    """A network run as its layers are written: on a 1x1 map too, the adaptive pool's 49 copies of
+    each value and the whole first Linear (net.VGG.forward takes a shortcut there)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.classifier(torch.flatten(m.avgpool(m.features(x)), 1))
 
 
 def time_steps(batches, train_step, batch_size: int, warmup: int, steps: int,
@@ -326,12 +352,10 @@ def pipeline_tutorial(args, device, amp, synthetic_size):
             yield torch.from_numpy(x).to(device), y.to(device)
 
     def build():
-        model = vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
-        model.sum_1x1 = False  # the layers as written, as the tutorial's model had them
-        return model
+        return vgg(DEPTH, NUM_CLASSES, args.batch_norm, width_div=args.width_div)
 
-    torch.manual_seed(SEED)
-    return batches(), fp32_step(build().to(device)), build
+    torch.manual_seed(SEED)  # the layers as written, as the tutorial's model had them
+    return batches(), fp32_step(AsWritten(build()).to(device)), build
 
 
 def fp32_step(model: nn.Module):
@@ -366,7 +390,8 @@ def torchvision_vgg16(batch_norm: bool, width_div: int) -> nn.Module:
             nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
             nn.Linear(hidden, NUM_CLASSES))
     # meta again when flops_per_image builds it
-    model = model.to_empty(device=torch.get_default_device())
+    # where new tensors go now (torch.get_default_device ignores a device context before torch 2.4)
+    model = model.to_empty(device=torch.empty(0).device)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
             m.reset_parameters()  # PyTorch's default init; the speed does not depend on it
@@ -489,7 +514,7 @@ def main() -> None:
               "the same conditions")
 
     if args.json:
-        out = {"config": {k: v for k, v in vars(args).items() if k != "explicit"},
+        out = {"config": {k: v for k, v in vars(args).items() if k != "given"},
                "device": str(device), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "precision_a": precision,
                "data": data_note or args.dataset, "memory": mem_kind,

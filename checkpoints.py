@@ -49,7 +49,10 @@ METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "
 #   4: config gains "cutout".
 #   5: config gains "shift".
 #   6: config gains "small_map_lr".
-FORMAT = 6
+#   7: last.pth no longer says how a folder's images were read ("folder_in_memory": both ways give
+#      the same batches). From here on the stored settings are merged over the defaults of the code
+#      that reads them (cli.merge_stored), so a setting added or removed needs no new format.
+FORMAT = 7
 
 
 def last_path(save_dir) -> Path:
@@ -69,28 +72,26 @@ def epoch_path(save_dir, epoch: int) -> Path:
 
 def training_state(*, model: dict, optimizer: dict, scheduler: dict, scaler: dict, epoch: int,
                    step: int, best_acc: float, config: dict, classes: list, world: int,
-                   rng: list, partial: list, folder_in_memory: bool | None,
-                   ema: dict | None) -> dict:
+                   rng: list, partial: list, ema: dict | None) -> dict:
     """What last.pth holds: everything `train.py --resume` needs to go on exactly.
     model/optimizer/scheduler/scaler: state dicts; epoch: epochs completed; step: steps done in the
     next one; best_acc: the best validation accuracy so far; config: the run's settings; classes:
     the class names in label order; world: the number of processes; rng: each process's random
-    streams (devices.random_state); partial: the next epoch's totals so far; folder_in_memory:
-    whether a folder dataset's training images were decoded in memory (None: no folder); ema: the
-    state dict of the weights' moving average (None: EMA_DECAY is 0). With an average, "model"
-    holds the trained weights and the epoch files hold the average's."""
+    streams (devices.random_state); partial: the next epoch's totals so far; ema: the state dict of
+    the weights' moving average (None: EMA_DECAY is 0). With an average, "model" holds the trained
+    weights and the epoch files hold the average's."""
     return {"format": FORMAT, "model": model, "optimizer": optimizer, "scheduler": scheduler,
             "scaler": scaler, "epoch": epoch, "step": step, "best_acc": best_acc,
-            "config": config, "classes": classes, "world": world, "rng": rng,
-            "partial": partial, "folder_in_memory": folder_in_memory, "ema": ema}
+            "config": dict(config), "classes": classes, "world": world, "rng": rng,
+            "partial": partial, "ema": ema}
 
 
 def weights(state: dict, test_acc: float, val_acc: float | None) -> dict:
     """What epoch_NNN.pth and best.pth hold: the weights that were evaluated (`evaluated_weights`:
     the trained ones, or their moving average) and what test.py needs to rebuild the network, from
     a `training_state`, with that epoch's accuracies (val_acc None: no validation split)."""
-    return {"format": FORMAT, "model": evaluated_weights(state),
-            **{k: state[k] for k in ("config", "classes", "epoch", "best_acc")},
+    return {"format": FORMAT, "model": evaluated_weights(state), "config": dict(state["config"]),
+            **{k: state[k] for k in ("classes", "epoch", "best_acc")},
             "test_acc": test_acc, "val_acc": val_acc}
 
 
@@ -122,19 +123,16 @@ def upgrade(ckpt: dict, path) -> dict:
         ckpt.setdefault("best_acc", 0.0)
         if "optimizer" in ckpt:  # a training state
             ckpt.setdefault("world", 1)
-            ckpt.setdefault("folder_in_memory", None)  # decided again from the free memory
     if version < 3:
         config = ckpt["config"]
         config.setdefault("ema_decay", 0.0)      # before weight averaging: the weights themselves
         config.setdefault("nesterov", False)
         if "optimizer" in ckpt:
             ckpt.setdefault("ema", None)
-    if version < 4:
-        ckpt["config"].setdefault("cutout", 0.0)  # before cutout: none
     if version < 5:
         ckpt["config"].setdefault("shift", 4)     # before SHIFT: 4 px (folders: 1/8 of the side)
-    if version < 6:
-        ckpt["config"].setdefault("small_map_lr", False)  # before SMALL_MAP_LR: every weight at LR
+    if version < 7:
+        ckpt.pop("folder_in_memory", None)        # both ways of reading a folder now augment alike
     ckpt["format"] = FORMAT
     return ckpt
 

@@ -27,6 +27,9 @@ CFGS: dict[int, list[int | str]] = {
 WIDTH_DIVS = (1, 2, 4, 8, 16, 32, 64)
 # Five 2x2 pools take 32 px to 1x1; a smaller input would pool an empty map.
 MIN_IMAGE_SIZE = 32
+# A VGG at 2048 px keeps about 13 GB of activations per training image (counted from its layer
+# sizes): beyond that not even one image fits on a device.
+MAX_IMAGE_SIZE = 2048
 
 
 def make_layers(cfg: list[int | str], batch_norm: bool = False,
@@ -90,64 +93,22 @@ class VGG(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    # Below 64 px the last map is 1x1 and the pool would copy each value 49 times; the first Linear
-    # then equals one with its weights summed over the 49 positions (exact: autograd still gives
-    # every position its gradient, and the parameters are the same). False runs the layers as
-    # written (bench.py's original pipeline and its FLOP count do).
-    sum_1x1 = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)        # (B, 3, 224, 224) -> (B, 512, 7, 7)
-        if self.sum_1x1 and x.shape[-2:] == (1, 1):  # 32-63 px inputs
-            first = self.classifier[0]
-            weight = first.weight.unflatten(1, (-1, 49)).sum(2)  # (4096, 512 x 49) -> (4096, 512)
-            x = F.linear(torch.flatten(x, 1), weight, first.bias)
-            return self.classifier[1:](x)  # (B, num_classes) logits
-        x = pool_to_7x7(x, self.avgpool)  # (B, 512, 7, 7) whatever the input size
-        x = torch.flatten(x, 1)     # (B, 25088)
-        return self.classifier(x)   # (B, num_classes) logits
+        x = self.features(x)              # (B, 512, 7, 7) at 224 px; (B, 512, 1, 1) at 32 px
+        if x.shape[-2:] == (1, 1):        # 32-63 px inputs: a speed shortcut, exact
+            return self.classifier[1:](self.first_linear_on_1x1(x))
+        x = self.avgpool(x)               # (B, 512, 7, 7) whatever the input size
+        x = torch.flatten(x, 1)           # (B, 25088)
+        return self.classifier(x)         # (B, num_classes) logits
 
-
-def pool_copies(image_size: int) -> float:
-    """How many of the pool's 7x7 outputs each value of the last map feeds, weighted by the bins'
-    averages: 49 for the 1x1 map of 32-63 px inputs, 12.25 for 64 px's 2x2, (7 / side)^2 on
-    average below 7x7, and 1 from 224 px on (a larger map is averaged, not copied). So SGD at one
-    rate moves the first Linear that many times as fast as a layer that sees each value once
-    (SMALL_MAP_LR in train.py corrects for it)."""
-    side = image_size // 32  # five 2x2 pools, each rounding down
-    return max(1.0, 49 / side ** 2)
-
-
-# Devices whose adaptive average pool only takes sizes where one side divides the other (pytorch
-# issue 143864): on MPS, 7x7 from a 2x2 .. 6x6 or 8x8 map (64-223 px and 256 px inputs) fails.
-DIVISIBLE_POOL_ONLY = ("mps",)
-
-
-def pool_supported(size: int, out: int = 7) -> bool:
-    """Whether a divisible-only adaptive pool takes `size` -> `out`."""
-    return out % size == 0 if size < out else size % out == 0
-
-
-def pool_to_7x7(x: torch.Tensor, avgpool: nn.AdaptiveAvgPool2d) -> torch.Tensor:
-    """avgpool(x), except: a 7x7 map is returned as it is (the pool would copy it), and on devices
-    in DIVISIBLE_POOL_ONLY a size they reject is pooled by two matrix products with the same
-    bins."""
-    h, w = x.shape[-2:]
-    if (h, w) == (7, 7):
-        return x
-    if x.device.type in DIVISIBLE_POOL_ONLY and not (pool_supported(h) and pool_supported(w)):
-        return torch.einsum("ih,bchw,jw->bcij", _pool_matrix(h, x), x, _pool_matrix(w, x))
-    return avgpool(x)
-
-
-def _pool_matrix(size: int, like: torch.Tensor, out: int = 7) -> torch.Tensor:
-    """(out, size): row i averages the bin [floor(i * size / out), ceil((i + 1) * size / out)),
-    the bins of nn.AdaptiveAvgPool2d."""
-    m = torch.zeros(out, size)
-    for i in range(out):
-        start, end = (i * size) // out, -((-(i + 1) * size) // out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m.to(device=like.device, dtype=like.dtype)
+    def first_linear_on_1x1(self, x: torch.Tensor) -> torch.Tensor:
+        """classifier[0](flatten(avgpool(x))) for a 1x1 map, without the pool's 49 copies of each
+        value: the first Linear's weight summed over the 49 positions it would see them at. The
+        same parameters, outputs and gradients (autograd gives each of the 49 columns its share);
+        1.21x the training step at 32 px and 1/4 width (docs/bench.md)."""
+        first = self.classifier[0]
+        weight = first.weight.unflatten(1, (-1, 49)).sum(2)  # (4096, 512 x 49) -> (4096, 512)
+        return F.linear(torch.flatten(x, 1), weight, first.bias)
 
 
 def vgg(depth: int = 16, num_classes: int = 10, batch_norm: bool = False, dropout: float = 0.5,

@@ -10,7 +10,9 @@ BatchNorm layers stay in eval mode, so their running statistics do not move); af
 trains, the pretrained layers at LR x BACKBONE_LR_MULT and the head at LR.
 """
 
+import contextlib
 import http.client
+import sys
 import urllib.error
 import warnings
 from dataclasses import dataclass
@@ -28,7 +30,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The head: the last Linear, the only tensors a fine-tune may replace.
 HEAD = ("classifier.6.weight", "classifier.6.bias")
-FIRST_LINEAR = "classifier.0.weight"  # the weight that sees the pool's copies
 
 
 def model_name(c: dict) -> str:
@@ -73,8 +74,10 @@ def fetch_imagenet(c: dict, progress: bool = True) -> Source:
     try:
         # writes a temporary file and renames it only after the hash check: a download that is
         # cut off or corrupt leaves nothing in the cache
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on the file's pickle protocol
+        # torch's "Downloading: ..." line is progress (stdout, as newer torch prints it), and its
+        # notes on the file's pickle protocol are no news: a failure is this function's one line
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sys.stdout):
+            warnings.simplefilter("ignore")
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
                                                        progress=progress, weights_only=True)
     except http.client.HTTPException as e:  # the connection ended before the whole file came
@@ -262,20 +265,13 @@ def train_mode(model: torch.nn.Module, frozen: bool) -> None:
 def parameter_groups(model: torch.nn.Module, c: dict, lr: float) -> list[dict]:
     """The optimizer's groups: weights decayed, biases and BatchNorm parameters not (as in the
     official recipes' --norm-weight-decay 0); with PRETRAINED, the pretrained body at lr x
-    BACKBONE_LR_MULT and the head at lr. With SMALL_MAP_LR, below 224 px the first Linear's weight
-    at lr / net.pool_copies and its weight decay times them: the pool hands it that many copies of
-    each value, so the layer computes with its weight summed over them, and that sum then trains
-    at lr (decay included) instead of that many times faster. The head's groups come last."""
+    BACKBONE_LR_MULT and the head at lr. The head's groups come last (the epoch line's rate)."""
     pretrained = c.get("pretrained") is not None
-    copies = net.pool_copies(c["image_size"]) if c.get("small_map_lr") else 1.0
     groups = {}
     for name, p in model.named_parameters():
         part = "head" if is_head(name) or not pretrained else "body"
-        decay = p.ndim > 1
-        share = copies if name == FIRST_LINEAR else 1.0
-        groups.setdefault((part, decay, share), []).append(p)
+        groups.setdefault((part, p.ndim > 1), []).append(p)
     mult = {"head": 1.0, "body": c.get("backbone_lr_mult", 1.0)}
-    return [{"params": params, "weight_decay": c["weight_decay"] * share if decay else 0.0,
-             "lr": lr * mult[part] / share, "lr_mult": mult[part] / share}
-            for (part, decay, share), params in sorted(
-                groups.items(), key=lambda kv: (kv[0][0] == "head", kv[0][2] == 1.0))]
+    return [{"params": params, "weight_decay": c["weight_decay"] if decay else 0.0,
+             "lr": lr * mult[part], "lr_mult": mult[part]}
+            for (part, decay), params in sorted(groups.items(), key=lambda kv: kv[0][0] == "head")]

@@ -23,6 +23,7 @@ preprocessed exactly as the test images were during training. Nothing opens a wi
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 import checkpoints
 import cli
 import devices
+import folders
 import gradcam
 import imagedata
 import plots
@@ -51,35 +53,40 @@ CAM = 16                 # draw N test images (or --image files) with the Grad-C
                          # predicted class in cam.png (0: none)
 MISTAKES = 16            # draw the N test images with the highest loss in mistakes.png (0: none);
                          # mistakes.csv lists every misclassified test image
-OUT = None               # folder for confusion.png and predictions.png; None: the checkpoint's
-                         # folder
-IMAGE = None             # predict these image files, or every image in these folders
-                         # (recursively), and skip the test split, so no dataset is needed; a path
-                         # that cannot be read gets one line on stderr, the others still get their
-                         # predictions, and the exit code is then 2
-INVERT = "auto"          # --image, mnist/fashion-mnist models only: these datasets are light on
-                         # dark, so auto inverts an image whose mean brightness is above 127 (dark
-                         # on light)
+OUT: str | None = None   # folder for the pictures and CSV files; None: the checkpoint's folder
+IMAGE: list[str] | None = None  # predict these image files, or every image in these folders
+                                # (recursively), and skip the test split, so no dataset is needed; a
+                                # path that cannot be read gets one line on stderr, the others still
+                                # get their predictions, and the exit code is then 2
+INVERT: Literal["auto", "on", "off"] = "auto"  # --image, digit models only: these datasets are
+                                               # light on dark, so auto inverts an image whose mean
+                                               # brightness is above 127 (dark on light)
 TOP_K = 3                # --image: print the K most likely classes with their probabilities
 BATCH_SIZE = 256         # images per forward pass
 DEVICE = "auto"          # auto | cuda | cuda:1 | npu | mps | cpu
-AMP = None               # mixed precision; None: the checkpoint's setting
-TTA = "auto"             # auto | on | off: average the logits of each image and its mirror image;
-                         # auto: as train.py evaluated (the checkpoint's TTA)
-TTA_SHIFT = None         # with TTA: also the images moved this many 32nds of their side (as
-                         # train.py's TTA_SHIFT); None: the checkpoint's
+AMP: Literal["auto", "bf16", "fp16", "off", None] = None  # mixed precision; None: the checkpoint's
+                                                          # setting
+TTA: Literal["auto", "on", "off"] = "auto"  # average the logits of each image and its mirror image;
+                                            # auto: as train.py evaluated (the checkpoint's TTA)
+TTA_SHIFT: int | None = None  # with TTA: also the images moved this many 32nds of their side (as
+                              # train.py's TTA_SHIFT); None: the checkpoint's
 SKIP_BAD_IMAGES = False  # folder test split: leave out unreadable image files (else they stop the
                          # run)
-DATA_DIR = None          # dataset root; None: the one used for training while it exists, else
-                         # DATA_DIR from the environment, else ./data
+DATA_DIR: str | None = None  # dataset root; None: the one used for training while it exists, else
+                             # DATA_DIR from the environment, else ./data
 # --------------------------------------------------------------------------------------------------
-DEFAULTS = cli.frozen(globals())  # the settings above, frozen: a constant defined below is no flag
-FLAGS = {"show": {"metavar": "N"}, "grid": {"metavar": "N"}, "cam": {"metavar": "N"},
-         "mistakes": {"metavar": "N"},
-         "grid_seed": {"metavar": "SEED"}, "out": {"metavar": "DIR"},
-         "image": {"nargs": "+", "metavar": "PATH"}, "top_k": {"metavar": "K"},
-         "invert": {"choices": ("auto", "on", "off")}, "amp": {"choices": cli.AMP_MODES},
-         "tta": {"choices": ("auto", "on", "off")}, "tta_shift": {"type": int, "metavar": "N"}}
+DEFAULTS = cli.settings(globals())  # the block above ends here: a constant below is no setting
+
+# What each value must be (a failure is one line, exit code 2).
+RULES = [
+    ("show", ">= 0", lambda v: v >= 0), ("grid", ">= 0", lambda v: v >= 0),
+    ("grid_seed", f"an integer from 0 to {2**32 - 1}", lambda v: 0 <= v <= 2**32 - 1),
+    ("cam", ">= 0", lambda v: v >= 0), ("mistakes", ">= 0", lambda v: v >= 0),
+    ("top_k", "at least 1", lambda v: v >= 1),
+    ("batch_size", f"from 1 to {2**31 - 1}", lambda v: 1 <= v <= 2**31 - 1),
+    ("tta_shift", "from 0 to 8 32nds of the side (0: mirror images only)", lambda v: 0 <= v <= 8),
+]
+
 
 def load_model(path, device):
     """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
@@ -93,10 +100,7 @@ def load_model(path, device):
         cli.console(f"warning: {path} holds values that are not finite in {len(bad)} tensor(s) "
                     f"(e.g. {bad[0]}): its predictions mean nothing; use an earlier checkpoint",
                     file=sys.stderr)
-    model = model.to(device)
-    if device.type in ("cuda", "cpu"):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+    return devices.place(model, device), ckpt
 
 
 @torch.inference_mode()
@@ -340,9 +344,9 @@ def find_images(paths: list[str], report) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            inside = imagedata.image_files(path)
+            inside = folders.image_files(path)
             if not inside:
-                report(f"{path} holds no image files ({', '.join(imagedata.IMAGE_SUFFIXES)})")
+                report(f"{path} holds no image files ({', '.join(folders.IMAGE_SUFFIXES)})")
             for f in inside:  # a FIFO would block the read for ever
                 if f.is_file():
                     found.append(f)
@@ -362,23 +366,23 @@ def find_images(paths: list[str], report) -> list[Path]:
 SHOWN_SIDE = 256
 
 
-def read_image(path: Path, dataset: str, invert: str, folder_transform=None):
-    """The image as the checkpoint's dataset stores its samples: uint8 (1, 28, 28) grey for mnist
-    and fashion-mnist, (3, 32, 32) RGB for cifar10; for folder, the float tensor of its eval
-    transform. Returns (tensor, whether it was inverted, the picture cam.png shows: as the network
-    saw it for the built-in datasets, grey and inverted where it was; else the file in RGB, at most
-    SHOWN_SIDE pixels a side). One picture is decoded at a time, at its own size."""
+def read_image(path: Path, dataset: str, invert: str, image_size: int | None = None):
+    """The image as the checkpoint's dataset stores its samples, uint8: (1, 28, 28) grey for
+    mnist and fashion-mnist, (3, 32, 32) RGB for cifar10, (3, S, S) RGB at the network's input
+    size for folder (decoded as training decodes a folder's files: no EXIF rotation). Returns
+    (tensor, whether it was inverted, the picture cam.png shows: as the network saw it for the
+    built-in datasets, grey and inverted where it was; else the file in RGB, at most SHOWN_SIDE
+    pixels a side). One picture is decoded at a time, at its own size."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         if dataset == "folder":
-            # as training reads a folder's files (no EXIF rotation), then the eval transform
-            picture = imagedata.rgb(im)
-            x = folder_transform(picture)
+            picture = folders.rgb(im)
+            x = torch.from_numpy(folders.resized(picture, (image_size, image_size)))
             picture.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
-            return x, False, picture
+            return x.permute(2, 0, 1), False, picture
         # 16-bit grey (scanners, microscopes): by the depth the file declares, read before
         # anything else decodes it (convert() would clip it at 255)
-        im = imagedata.eight_bit(im)
+        im = folders.eight_bit(im)
         im = ImageOps.exif_transpose(im)  # phone photos keep their rotation in EXIF
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels take the colour of the paper they would be drawn on: white.
@@ -404,8 +408,6 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         raise UserError("--invert applies to mnist and fashion-mnist models; this one was trained "
                         f"on {dataset}")
     mean, std = imagedata.normalization(c)
-    folder_transform = (imagedata.eval_transform(c["image_size"], mean, std) if dataset == "folder"
-                        else None)
     errors = []
 
     def report(message):
@@ -424,7 +426,7 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         paths, images, inverted, pictures = [], [], [], []
         for path in files[start:start + args.batch_size]:
             try:
-                x, inv, picture = read_image(path, dataset, args.invert, folder_transform)
+                x, inv, picture = read_image(path, dataset, args.invert, c["image_size"])
             except (OSError, ValueError, SyntaxError, EOFError) as e:
                 # UnidentifiedImageError is an OSError
                 report(f"{path} is not an image that can be read ({type(e).__name__}: {e})"
@@ -439,14 +441,11 @@ def predict_files(args, model, c, classes, device, amp) -> int:
             pictures.append(picture)
         if not images:
             continue
+        # the very same device preprocessing as the test split: a DeviceImages of these images
         x = torch.stack(images)
-        if dataset == "folder":  # already through the eval transform
-            batches = [(x.to(device).contiguous(memory_format=torch.channels_last), None)]
-        else:
-            # the very same device preprocessing as the test split: a DeviceImages of these images
-            batches = list(imagedata.DeviceImages(
-                x, torch.zeros(len(x), dtype=torch.long), classes, mean, std, c["image_size"],
-                device).batches(torch.arange(len(x)), len(x)))
+        batches = list(imagedata.DeviceImages(
+            x, torch.zeros(len(x), dtype=torch.long), classes, mean, std, c["image_size"],
+            device).batches(torch.arange(len(x)), len(x)))
         logits = predict_logits(model, batches, device, amp, c["tta"], c["tta_shift"])
         probs = torch.softmax(logits, dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
@@ -474,9 +473,9 @@ def predict_files(args, model, c, classes, device, amp) -> int:
 # --------------------------------------------------------------------------------------------- main
 
 def main() -> None:
-    _, args = cli.parse_config(DEFAULTS, __file__, __doc__.splitlines()[0], flags=FLAGS)
+    _, args = cli.parse(DEFAULTS, __doc__.splitlines()[0], rules=RULES)
     if args.data_dir is None and os.environ.get("DATA_DIR") == "":  # train.py refuses it too
-        cli.check_path("--data-dir (or DATA_DIR)", "")
+        raise UserError("DATA_DIR is empty: give a folder (. for the current one), or unset it")
     device = devices.pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, device)
     c = dict(ckpt["config"])

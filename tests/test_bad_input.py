@@ -31,34 +31,31 @@ def crafted_pickle(path: Path, marker: Path, torch_format: bool) -> None:
         path.write_bytes(pickle.dumps(obj))
 
 
+# (options, the key words of the one line they give: the setting, the value, what would work)
 BAD_OPTIONS = [
-    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
-    (["--ep", "3"], "unrecognized arguments: --ep"),                      # no silent abbreviations
-    (["--batch-size", "ten"], "argument --batch-size: invalid int value: 'ten'"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--lr", "-0.1"], "--lr must be positive, got -0.1"),
-    (["--image-size", "28"], "--image-size must be at least 32"),
-    (["--depth", "12"], "unknown VGG depth 12"),
-    (["--width-div", "3"], "--width-div must divide 64"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--device", "cpu:1"], "--device cpu:1: this machine has 1 CPU device(s)"),
-    (["--amp", "fp8"], "unknown amp mode 'fp8'"),
-    (["--tta"], "--tta averages each image with its mirror image, which does not suit mnist"),
+    (["--dataset", "imagenet"], ["dataset", "imagenet", "mnist"]),
+    (["--no-such-option"], ["unrecognized arguments: --no-such-option"]),
+    (["--ep", "3"], ["unrecognized arguments: --ep"]),                      # no silent abbreviations
+    (["--batch-size", "ten"], ["--batch-size", "'ten'"]),
+    (["--batch-size", "0"], ["--batch-size", "from 1", "0"]),
+    (["--lr", "-0.1"], ["--lr", "positive", "-0.1"]),
+    (["--image-size", "28"], ["--image-size", "from 32", "28"]),
+    (["--depth", "12"], ["--depth", "11, 13, 16, 19", "12"]),
+    (["--width-div", "3"], ["--width-div", "divides 64", "3"]),
+    (["--device", "tpu"], ["unknown device 'tpu'"]),
+    (["--device", "cpu:1"], ["--device cpu:1", "1 CPU device(s)"]),
+    (["--amp", "fp8"], ["--amp", "'fp8'", "bf16"]),
+    (["--tta"], ["--tta", "mirror image", "mnist"]),
     # Fashion-MNIST's shoes all point the same way: a model trained without flips scored 85.09%
     # with mirror images against 92.83% without (docs/recipes.md, f10)
-    (["--dataset", "fashion-mnist", "--tta"],
-     "--tta averages each image with its mirror image, which training never showed: augmentation "
-     "(crops and flips) is off for fashion-mnist (--augment auto): train with --augment on, or use "
-     "--tta off"),
-    (["--augment", "on", "--shift", "0"], "--shift 0 leaves mnist's augmentation nothing to do (it is "
-     "never flipped): give --shift 1 or more, or --augment off"),
-    (["--shift", "17"], "--shift must be from 0 to 16 pixels (0: flips only), got 17"),
-    (["--shift", "1.5"], "argument --shift: invalid int value: '1.5'"),
-    (["--dataset", "cifar10", "--tta-shift", "1"], "--tta-shift 1 adds moved images to the mirror "
-     "images of --tta, which is off: add --tta, or give --tta-shift 0"),
-    (["--dataset", "cifar10", "--tta", "--tta-shift", "9"],
-     "--tta-shift must be from 0 to 8 32nds of the side (0: mirror images only), got 9"),
+    (["--dataset", "fashion-mnist", "--tta"], ["--tta", "training never showed", "--augment on"]),
+    (["--augment", "on", "--shift", "0"], ["--shift 0", "mnist", "never flipped"]),
+    (["--shift", "17"], ["--shift", "from 0 to 16", "17"]),
+    (["--shift", "1.5"], ["--shift", "'1.5'"]),
+    (["--dataset", "cifar10", "--tta-shift", "1"], ["--tta-shift 1", "--tta", "off"]),
+    (["--dataset", "cifar10", "--tta", "--tta-shift", "9"], ["--tta-shift", "from 0 to 8", "9"]),
+    (["--schedule", "linear"], ["--schedule", "'linear'", "cosine"]),
+    (["--cutout", "0.5"], ["unrecognized arguments: --cutout"]),
 ]
 
 
@@ -67,7 +64,7 @@ def test_bad_option_is_one_line_and_even_overwrite_keeps_the_old_run(args, messa
     before = digests(saved)
     code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, *args], capsys)
     assert code == 2
-    assert message in one_line(err)
+    assert all(word in one_line(err) for word in message), err
     assert digests(saved) == before
 
 
@@ -199,29 +196,28 @@ def test_crafted_pickle_never_runs(torch_format, saved, data, tmp_path, test_scr
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     """The in-process checks above, confirmed once end to end for each script."""
     proc = run_script("train.py", "--batch-size", "0", "--save-dir", tmp_path)
-    assert proc.returncode == 2 and proc.stderr == "train.py: error: --batch-size must be at least 1, got 0\n"
+    assert proc.returncode == 2 and proc.stderr.startswith("train.py: error: --batch-size must be ")
+    assert proc.stderr.count("\n") == 1
     proc = run_script("test.py", "--checkpoint", tmp_path)
     assert proc.returncode == 2 and proc.stderr == f"test.py: error: checkpoint {tmp_path} is not a file\n"
 
 
 BAD_SETTINGS = [
-    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
-    (["--seed", "100000000000000000"], "--seed must be an integer from 0 to 4294967295"),
-    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
-    (["--lr", "inf"], "--lr must be a finite number, got inf"),
-    (["--lr", "nan"], "--lr must be a finite number, got nan"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
-    (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
-    (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number, got nan"),
-    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
-    (["--step-gamma", "-5"], "--step-gamma must be positive, got -5.0"),
-    (["--step-gamma", "0"], "--step-gamma must be positive, got 0.0"),
-    (["--image-size", "100000"], "--image-size must be at most 2048"),
-    (["--batch-size", str(2**62)], "--batch-size must be at most 2147483647"),
-    (["--epochs", "10000000"], "--epochs must be at most 1000000"),
-    (["--workers", "100000"], "--workers must be at most 256"),
-    (["--save-dir", ""], "--save-dir is empty"),
-    (["--data-dir", ""], "--data-dir (or DATA_DIR) is empty"),
+    (["--log-every", "0"], ["--log-every", "at least 1", "0"]),
+    (["--seed", "100000000000000000"], ["--seed", "from 0 to 4294967295"]),
+    (["--seed", "-1"], ["--seed", "from 0 to 4294967295", "-1"]),
+    (["--lr", "inf"], ["--lr", "finite", "inf"]),
+    (["--lr", "nan"], ["--lr", "finite", "nan"]),
+    (["--warmup-epochs", "inf"], ["--warmup-epochs", "finite", "inf"]),
+    (["--weight-decay", "inf"], ["--weight-decay", "finite", "inf"]),
+    (["--save-every-minutes", "nan"], ["--save-every-minutes", "finite", "nan"]),
+    (["--momentum", "nan"], ["--momentum", "finite", "nan"]),
+    (["--image-size", "100000"], ["--image-size", "to 2048", "100000"]),
+    (["--batch-size", str(2**62)], ["--batch-size", "to 2147483647"]),
+    (["--epochs", "10000000"], ["--epochs", "to 1000000"]),
+    (["--workers", "100000"], ["--workers", "to 256"]),
+    (["--save-dir", ""], ["--save-dir", "empty"]),
+    (["--data-dir", ""], ["--data-dir", "empty"]),
 ]
 
 
@@ -230,7 +226,7 @@ def test_bad_setting_is_one_line_and_overwrite_keeps_the_old_run(args, message, 
     before = digests(saved)
     code, err = call(train.run, "train.py", ["--overwrite", "--save-dir", saved, "--data-dir", data, *args],
                      capsys)
-    assert code == 2 and message in one_line(err)
+    assert code == 2 and all(word in one_line(err) for word in message), err
     assert digests(saved) == before
 
 
@@ -239,7 +235,7 @@ def test_a_checkpoint_config_of_the_wrong_type_is_one_line(saved, data, capsys):
     ckpt["config"]["lr"] = "0.1"
     torch.save(ckpt, saved / "last.pth")
     code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)
-    assert code == 2 and "--lr must be a number, got '0.1'" in one_line(err)
+    assert code == 2 and all(w in one_line(err) for w in ("LR", "number", "'0.1'", "last.pth"))
 
 
 def test_empty_data_dir_variable_is_an_error_in_both_scripts(saved, tmp_path, test_script, capsys):
@@ -249,18 +245,17 @@ def test_empty_data_dir_variable_is_an_error_in_both_scripts(saved, tmp_path, te
         mp.setenv("DATA_DIR", "")
         script.__spec__.loader.exec_module(script)  # DATA_DIR is read when train.py starts
         code, err = call(script.run, "train.py", ["--save-dir", tmp_path / "new"], capsys)
-        assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
+        assert code == 2 and "data-dir" in one_line(err).lower() and "empty" in one_line(err)
         code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu"],
                          capsys)
-        assert code == 2 and "--data-dir (or DATA_DIR) is empty" in one_line(err)
+        assert code == 2 and "DATA_DIR" in one_line(err) and "empty" in one_line(err)
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint", "--out", "--data-dir"])
 def test_empty_path_for_test_script(flag, saved, test_script, capsys):
     args = {"--checkpoint": saved / "best.pth", "--device": "cpu", flag: ""}
     code, err = call(test_script, "test.py", [x for kv in args.items() for x in kv], capsys)
-    name = "--data-dir (or DATA_DIR)" if flag == "--data-dir" else flag  # test.py reads DATA_DIR too
-    assert code == 2 and f"{name} is empty" in one_line(err)
+    assert code == 2 and flag in one_line(err) and "empty" in one_line(err)
 
 
 def test_test_script_on_the_wrong_data_dir_creates_nothing_there(saved, tmp_path, test_script, capsys):
@@ -275,7 +270,7 @@ def test_test_script_on_the_wrong_data_dir_creates_nothing_there(saved, tmp_path
 def test_grid_seed_out_of_range(saved, data, test_script, capsys):
     code, err = call(test_script, "test.py", ["--checkpoint", saved / "best.pth", "--device", "cpu",
                                               "--data-dir", data, "--grid-seed", str(2**64)], capsys)
-    assert code == 2 and "--grid-seed must be an integer from 0 to 4294967295" in one_line(err)
+    assert code == 2 and all(w in one_line(err) for w in ("--grid-seed", "from 0 to 4294967295"))
 
 
 def test_mirror_averaging_of_a_digit_model_is_refused(saved, data, test_script, capsys):

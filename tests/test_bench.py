@@ -47,8 +47,8 @@ def test_missing_dataset_falls_back_to_synthetic_with_quick(tmp_path):
 def test_user_errors_are_one_line(tmp_path):
     for args, message in [
         (["--data-dir", tmp_path / "nothing"], "mnist not found under"),  # no synthetic fallback without --quick
-        (["--image-size", "16"], "--image-size must be at least 32"),
-        (["--width-div", "3"], "--width-div must divide 64"),
+        (["--image-size", "16"], "--image-size must be from 32"),
+        (["--width-div", "3"], "--width-div must be one of 1, 2, 4"),
         (["--dataset", "imagenet"], "invalid choice"),
         (["--device", "tpu"], "unknown device"),
     ]:

@@ -47,10 +47,9 @@ def test_a_checkpoint_from_before_the_format_key_gets_its_run_s_values(tmp_path)
     assert (ckpt["config"]["val_fraction"], ckpt["config"]["tta"], ckpt["config"]["pretrained"],
             ckpt["config"]["label_smoothing"], ckpt["config"]["normalize"]) == (0.0, False, None,
                                                                                 0.0, None)
-    assert (ckpt["world"], ckpt["best_acc"], ckpt["folder_in_memory"]) == (1, 0.0, None)
-    assert (ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["config"]["cutout"],
-            ckpt["ema"], ckpt["config"]["shift"]) == (0.0, False, 0.0, None, 4)
-    assert ckpt["config"]["small_map_lr"] is False  # every weight at LR, as those runs trained
+    assert (ckpt["world"], ckpt["best_acc"]) == (1, 0.0) and "folder_in_memory" not in ckpt
+    assert (ckpt["config"]["ema_decay"], ckpt["config"]["nesterov"], ckpt["ema"],
+            ckpt["config"]["shift"]) == (0.0, False, None, 4)
 
 
 @pytest.mark.parametrize("version", ["2", 99, None])
@@ -59,3 +58,64 @@ def test_a_format_this_code_cannot_read_is_one_line(tmp_path, version):
                      tmp_path / "x.pth")
     with pytest.raises(UserError, match="format"):
         checkpoints.load(tmp_path / "x.pth")
+
+
+def as_format_6(ckpt: dict, **config) -> dict:
+    """A checkpoint of this code as the code of format 6 wrote it: its key for how a folder was
+    read, and the settings that code had (CUTOUT, SMALL_MAP_LR, STEP_EPOCHS, STEP_GAMMA) at their
+    defaults unless given."""
+    old = dict(ckpt, format=6, config=dict(ckpt["config"], cutout=0.0, small_map_lr=False,
+                                           step_epochs=30, step_gamma=0.1) | config)
+    if "optimizer" in ckpt:
+        old["folder_in_memory"] = None
+    return old
+
+
+@pytest.fixture(scope="module")
+def format_6_run(tmp_path_factory):
+    """A 1-epoch run rewritten in format 6: last.pth, best.pth and epoch_001.pth."""
+    from conftest import TINY, run_script
+    tmp = tmp_path_factory.mktemp("format6")
+    data = make_mnist(tmp / "d", n_train=64, n_test=16)
+    run_script("train.py", *TINY, "--data-dir", data, "--save-dir", tmp / "s", check=True)
+    for name in ("last.pth", "best.pth", "epoch_001.pth"):
+        path = tmp / "s" / name
+        checkpoints.save(as_format_6(torch.load(path, weights_only=True)), path)
+    return data, tmp / "s"
+
+
+def test_a_format_6_run_tests_and_resumes(format_6_run, tmp_path):
+    import shutil
+    from conftest import run_script
+    data, save = format_6_run
+    shutil.copytree(save, tmp_path / "s")
+    proc = run_script("test.py", "--checkpoint", tmp_path / "s" / "best.pth", "--device", "cpu",
+                      check=True)
+    assert "test accuracy: " in proc.stdout
+    run_script("train.py", "--resume", "--epochs", "2", "--save-dir", tmp_path / "s", check=True)
+    last = torch.load(tmp_path / "s" / "last.pth", weights_only=True)
+    assert last["format"] == checkpoints.FORMAT and last["epoch"] == 2
+    assert "folder_in_memory" not in last and "cutout" not in last["config"]
+
+
+@pytest.mark.parametrize("setting, value", [("cutout", 0.5), ("small_map_lr", True),
+                                            ("step_epochs", 1)])
+def test_a_run_that_used_a_removed_setting_tests_but_does_not_resume(format_6_run, tmp_path,
+                                                                     setting, value):
+    import shutil
+    from conftest import run_script
+    data, save = format_6_run
+    shutil.copytree(save, tmp_path / "s")
+    for name in ("last.pth", "best.pth"):
+        path = tmp_path / "s" / name
+        ckpt = torch.load(path, weights_only=True)
+        checkpoints.save(dict(ckpt, config=dict(ckpt["config"], **{setting: value})), path)
+    proc = run_script("test.py", "--checkpoint", tmp_path / "s" / "best.pth", "--device", "cpu",
+                      check=True)
+    assert "test accuracy: " in proc.stdout
+    before = (tmp_path / "s" / "last.pth").read_bytes()
+    proc = run_script("train.py", "--resume", "--epochs", "2", "--save-dir", tmp_path / "s")
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()
+    assert setting.upper() in line and "no longer has" in line and "test" in line
+    assert (tmp_path / "s" / "last.pth").read_bytes() == before

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cli
+import folders
 import imagedata
 from conftest import make_folder
 
@@ -88,12 +89,15 @@ def test_links_to_other_folders_are_followed(root, tmp_path):
     assert len(imagedata.load_split(config(root), True, CPU)) == 13
 
 
-def test_the_streamed_path_lists_the_same_files(root):
+def test_the_streamed_path_lists_the_same_files(root, monkeypatch):
     png(root / "train" / ".ipynb_checkpoints" / "a.png")
     png(root / "train" / "cat" / "moving.gif", "GIF")
     (root / "train" / "cat" / "up").symlink_to("..")
-    data = imagedata.FolderImages(root / "train", None, (0.5,) * 3, (0.5,) * 3, 32, CPU, 0)
-    assert data.classes == ["cat", "dog"] and len(data) == 13
+    memory = imagedata.load_split(config(root), True, CPU)
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
+    data = imagedata.load_split(config(root), True, CPU)
+    assert type(data) is imagedata.StreamedImages
+    assert data.classes == ["cat", "dog"] and len(data) == 13 and data.paths == memory.paths
 
 
 def test_own_images_skip_hidden_names_and_report_a_fifo(tmp_path):
@@ -160,23 +164,24 @@ def test_a_save_folder_inside_the_data_is_refused_before_it_is_created(root, tmp
     assert imagedata.load_split(config(root), True, CPU).classes == ["cat", "dog"]
 
 
-def test_a_resume_keeps_the_path_its_folder_began_on(tmp_path, monkeypatch):
-    """Decoded into memory at the start, streamed by DataLoader workers on a busier machine: the two
-    paths augment differently, so last.pth says which one the run began on and --resume keeps it.
-    One epoch, then --resume to two while the memory check would choose streaming, gives the
-    weights of two epochs straight."""
+def test_in_memory_or_streamed_a_folder_trains_the_same_and_resumes_across_the_two(tmp_path,
+                                                                                  monkeypatch):
+    """Decoded into memory at the start, or streamed by DataLoader workers on a machine with less
+    free memory: one augmentation code, one random stream, so the same weights come out. Two epochs
+    streamed equal two in memory, and one epoch in memory resumed streamed equals both."""
     from conftest import TINY, load, run_train_in_process, weight_differences
     root = make_folder(tmp_path / "data", n_train=24, n_test=6, classes=("cat", "dog"))
-    run = [*TINY, "--dataset", "folder", "--data-dir", root, "--workers", "0", "--batch-size", "8",
+    run = [*TINY, "--dataset", "folder", "--data-dir", root, "--workers", "1", "--batch-size", "8",
            "--schedule", "constant", "--val-fraction", "0"]
-    run_train_in_process(monkeypatch, *run, "--epochs", "2", "--save-dir", tmp_path / "straight")
-    assert load(tmp_path / "straight" / "last.pth")["folder_in_memory"] is True
+    run_train_in_process(monkeypatch, *run, "--epochs", "2", "--save-dir", tmp_path / "memory")
     run_train_in_process(monkeypatch, *run, "--epochs", "1", "--save-dir", tmp_path / "split")
-    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)  # now it would be streamed
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)  # now it is streamed
+    run_train_in_process(monkeypatch, *run, "--epochs", "2", "--save-dir", tmp_path / "streamed")
     run_train_in_process(monkeypatch, *run, "--resume", "--epochs", "2",
                          "--save-dir", tmp_path / "split")
-    assert not weight_differences(load(tmp_path / "split" / "last.pth")["model"],
-                                  load(tmp_path / "straight" / "last.pth")["model"])
+    memory = load(tmp_path / "memory" / "last.pth")["model"]
+    assert not weight_differences(load(tmp_path / "streamed" / "last.pth")["model"], memory)
+    assert not weight_differences(load(tmp_path / "split" / "last.pth")["model"], memory)
 
 
 def test_listing_many_classes_resolves_each_folder_a_few_times_not_once_per_class(tmp_path, monkeypatch):
@@ -196,7 +201,7 @@ def test_listing_many_classes_resolves_each_folder_a_few_times_not_once_per_clas
         return real_resolve(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "resolve", counted)
-    names, samples = imagedata.list_images(tmp_path)
+    names, samples = folders.list_images(tmp_path)
     assert names == classes and [k for _, k in samples] == list(range(1000))
     assert calls <= 5 * len(classes), calls
 

@@ -54,7 +54,7 @@ def test_grad_cam_equals_an_independent_computation(batch_norm):
         maps = model.features[:layer + 1](x.clone())
     leaf = maps.clone().requires_grad_()
     rest = model.features[layer + 1:](leaf)
-    logits = model.classifier(torch.flatten(net.pool_to_7x7(rest, model.avgpool), 1))
+    logits = model.classifier(torch.flatten(model.avgpool(rest), 1))
     grad, = torch.autograd.grad(logits[torch.arange(3), target].sum(), leaf)
     cam = torch.relu((grad.mean((2, 3), keepdim=True) * maps).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=(48, 48), mode="bilinear", align_corners=False)[:, 0]

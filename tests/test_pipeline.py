@@ -182,7 +182,7 @@ def test_shift_0_mirrors_the_training_images_and_never_shifts_them(tmp_path, mon
     folder = make_folder(tmp_path / "folder", n_train=24, n_test=3)
     monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
     data = imagedata.load_split(folder_config(folder, shift=0), True, CPU)
-    assert isinstance(data, imagedata.FolderImages)
+    assert type(data) is imagedata.StreamedImages
     idx = torch.arange(len(data))
     out = torch.cat([x for x, _ in data.batches(idx, 8, augment=True, generator=torch.Generator().manual_seed(2))])
     plain = torch.cat([x for x, _ in data.batches(idx, 8)])
@@ -227,73 +227,6 @@ def test_augmentation_repeats_with_the_same_seed(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(first, again))
 
 
-def erased_boxes(out: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
-    """Per image (C, h, w): (top, bottom, left, right) of the pixels that are 0 in every channel (the
-    mean colour after normalization), after checking that they fill that box exactly; None if none."""
-    boxes = []
-    for img in out:
-        zero = (img == 0).all(0)
-        if not zero.any():
-            boxes.append(None)
-            continue
-        ys, xs = torch.nonzero(zero, as_tuple=True)
-        top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-        assert int(zero.sum()) == (bottom - top) * (right - left), "the erased pixels are no box"
-        boxes.append((top, bottom, left, right))
-    return boxes
-
-
-def square_cut_at_the_borders(box, side: int, size: int) -> bool:
-    """A box is a side x side square at some centre, cut off where it leaves the image."""
-    top, bottom, left, right = box
-    return all(0 < b - a <= side and (b - a == side or a == 0 or b == size)
-               for a, b in ((top, bottom), (left, right)))
-
-
-@pytest.mark.quick
-def test_cutout_sets_a_square_of_each_training_image_to_the_mean_colour():
-    """CUTOUT 0.25 on 32 px images: in each augmented image an 8x8 square, centred on a random pixel and
-    cut off at the borders, is 0 after normalization (the mean colour); the rest is the crop as
-    before (the same draws: the squares come after them); evaluation images are untouched."""
-    images, _ = known_images(256)
-    plain = device_images(images)
-    data = device_images(images)
-    data.cutout = 0.25
-    out = data.preprocess(images, augment=True, generator=torch.Generator().manual_seed(0))
-    cropped = plain.preprocess(images, augment=True, generator=torch.Generator().manual_seed(0))
-    boxes = erased_boxes(out)
-    assert all(b is not None and square_cut_at_the_borders(b, 8, 32) for b in boxes)
-    assert erased_boxes(cropped) == [None] * 256
-    keep = (out != 0).all(1, keepdim=True)
-    assert torch.equal(torch.where(keep, cropped, 0.0), out)  # outside the square: the crop itself
-    whole = [b for b in boxes if (b[1] - b[0], b[3] - b[2]) == (8, 8)]
-    assert 64 < len(whole) < 256  # most squares lie inside, some are cut off at a border
-    assert len({b[:1] for b in boxes}) > 20 and len({b[2:3] for b in boxes}) > 20  # centres spread
-    assert torch.equal(data.preprocess(images), plain.preprocess(images))
-    # the folder dataset's DataLoader path: the same square, on each image at its input size
-    torch.manual_seed(0)
-    one = torch.randn(3, 40, 40)
-    boxes = erased_boxes(torch.stack([imagedata.erase_square(one, 0.5) for _ in range(64)]))
-    assert all(b is not None and square_cut_at_the_borders(b, 20, 40) for b in boxes)
-
-
-def test_the_folder_dataloader_path_cuts_out_its_training_images(tmp_path):
-    root = make_folder(tmp_path, n_train=13, n_test=3)
-    mean, std = imagedata.DATASETS["folder"].stats
-    with_cutout = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, 0, cutout=0.5)
-    without = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, 0)
-    idx = torch.arange(13)
-    gen = torch.Generator().manual_seed(5)
-    cut = torch.cat([x for x, _ in with_cutout.batches(idx, 13, augment=True, generator=gen)])
-    plain = torch.cat([x for x, _ in without.batches(idx, 13, augment=True, generator=gen)])
-    assert all(b is not None and square_cut_at_the_borders(b, 16, 32) for b in erased_boxes(cut))
-    assert erased_boxes(plain) == [None] * 13
-    keep = (cut != 0).all(1, keepdim=True)
-    assert torch.equal(torch.where(keep, plain, 0.0), cut)  # the same crops and flips, seeded per image
-    evaluated = torch.cat([x for x, _ in with_cutout.batches(idx, 13)])
-    assert erased_boxes(evaluated) == [None] * 13
-
-
 # ------------------------------------------------------------------------------------------ mixed precision
 
 def test_bf16_autocast_training_lowers_the_loss(tmp_path):
@@ -335,28 +268,34 @@ def test_bf16_autocast_training_lowers_the_loss(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_folder_batches_follow_the_indices_and_the_step_count(tmp_path, workers):
-    """The folder dataset goes through a DataLoader: its batches must hold exactly the images asked for,
-    in order, cut as split_batches cuts them (what train.py relies on for shards and resume)."""
+def test_streamed_folder_batches_follow_the_indices_and_equal_those_in_memory(tmp_path, workers,
+                                                                            monkeypatch):
+    """A folder too large for memory is decoded by DataLoader workers every epoch: its batches must
+    hold exactly the images asked for, in order, cut as split_batches cuts them (what train.py relies
+    on for shards and resume), and equal the batches of the same folder in memory, augmented ones
+    too: one preprocessing code, the random draws from one stream in this process."""
     root = make_folder(tmp_path, n_train=13, n_test=3)
-    mean, std = imagedata.DATASETS["folder"].stats
-    data = imagedata.FolderImages(root / "train", None, mean, std, 32, CPU, workers)
+    c = folder_config(root, workers=workers)
+    memory = imagedata.load_split(c, True, CPU)
+    monkeypatch.setattr(imagedata, "FOLDER_MEMORY_SHARE", 0.0)
+    data = imagedata.load_split(c, True, CPU)
+    assert type(data) is imagedata.StreamedImages
     assert data.classes == ["cat", "dog", "ship"] and len(data) == 13
     indices = imagedata.shard_indices(len(data), seed=0, epoch=1)
-    got = list(data.batches(indices, 4, steps=3))
-    assert [len(y) for _, y in got] == [4, 4, 5]  # the 13th image joins the last batch
-    assert torch.equal(torch.cat([y for _, y in got]), data.labels[indices])
-    expected = torch.stack([data.eval_set[i][0] for i in indices.tolist()])
-    assert torch.equal(torch.cat([x for x, _ in got]), expected)
-    assert got[0][0].shape == (4, 3, 32, 32)
-    # Augmented batches: same labels, other pixels, repeatable with the same generator.
-    aug = [list(data.batches(indices, 4, True, torch.Generator().manual_seed(s), steps=3)) for s in (1, 1, 2)]
-    assert torch.equal(torch.cat([y for _, y in aug[0]]), data.labels[indices])
-    assert torch.equal(torch.cat([x for x, _ in aug[0]]), torch.cat([x for x, _ in aug[1]]))
-    assert not torch.equal(torch.cat([x for x, _ in aug[0]]), torch.cat([x for x, _ in aug[2]]))
-    # An image's crop and flip do not depend on the batch it is in: what a resumed epoch relies on.
-    tail = list(data.batches(indices[4:], 4, True, torch.Generator().manual_seed(1), steps=2))
-    assert torch.equal(torch.cat([x for x, _ in tail]), torch.cat([x for x, _ in aug[0][1:]]))
+    for augment in (False, True):
+        got, kept = (list(d.batches(indices, 4, augment, torch.Generator().manual_seed(1), steps=3))
+                     for d in (data, memory))
+        assert [len(y) for _, y in got] == [4, 4, 5]  # the 13th image joins the last batch
+        assert torch.equal(torch.cat([y for _, y in got]), memory.labels[indices])
+        assert torch.equal(torch.cat([x for x, _ in got]), torch.cat([x for x, _ in kept]))
+    # a resumed epoch: the rest of it, from the random stream as it stood after the first batch
+    gen = torch.Generator().manual_seed(1)
+    first = next(memory.batches(indices[:4], 4, True, gen))
+    tail = list(data.batches(indices[4:], 4, True, gen, steps=2))
+    whole = list(memory.batches(indices, 4, True, torch.Generator().manual_seed(1), steps=3))
+    assert torch.equal(first[0], whole[0][0])
+    assert torch.equal(torch.cat([x for x, _ in tail]), torch.cat([x for x, _ in whole[1:]]))
+    data.close()
 
 
 # ------------------------------------------------------------------------------ folders kept on the device
@@ -366,8 +305,8 @@ def folder_config(root, image_size: int = 32, **kw) -> dict:
 
 
 def both_paths(root, monkeypatch, capsys, image_size: int = 32):
-    """A folder's test split in memory (DeviceImages) and through the DataLoader (FolderImages, forced by
-    a memory share of 0), with what each printed about the path it took."""
+    """A folder's test split in memory (DeviceImages) and through the DataLoader (StreamedImages,
+    forced by a memory share of 0), with what each printed about the path it took."""
     c = folder_config(root, image_size)
     memory = imagedata.load_split(c, False, CPU)
     said_memory = capsys.readouterr().out
@@ -375,7 +314,7 @@ def both_paths(root, monkeypatch, capsys, image_size: int = 32):
     loader = imagedata.load_split(c, False, CPU)
     said_loader = capsys.readouterr().out
     assert isinstance(memory, imagedata.DeviceImages) and "decoded into cpu memory" in said_memory
-    assert isinstance(loader, imagedata.FolderImages) and "DataLoader workers every epoch" in said_loader
+    assert type(loader) is imagedata.StreamedImages and "DataLoader workers every epoch" in said_loader
     return memory, loader
 
 
@@ -392,7 +331,7 @@ def write_images(folder, images: dict) -> None:
 
 
 def test_in_memory_folder_equals_the_dataloader_path_for_mixed_sizes_and_modes(tmp_path, monkeypatch, capsys):
-    """Mixed sizes are resized on decoding as the eval transform resizes: the same tensors. Grey, RGBA,
+    """Mixed sizes are resized on decoding, the same way on both paths: the same tensors. Grey, RGBA,
     palette and 16-bit grey files go through the same RGB conversion; 16-bit grey is scaled, not clipped."""
     from PIL import Image
     root = make_folder(tmp_path, n_train=3, n_test=12)  # RGB, L and RGBA of sizes 24..63
@@ -406,17 +345,17 @@ def test_in_memory_folder_equals_the_dataloader_path_for_mixed_sizes_and_modes(t
     xm, ym = eval_batches(memory)
     xl, yl = eval_batches(loader)
     assert xm.shape == xl.shape == (14, 3, 32, 32) and torch.equal(ym, yl)
-    assert (xm - xl).abs().max() < 1e-5
-    i = [p for p, _ in loader.eval_set.samples].index(str(root / "test/dog/wide.png"))
+    assert torch.equal(xm, xl)
+    i = loader.paths.index(str(root / "test/dog/wide.png"))
     grey = memory.images[i].float()
     assert grey[:, 0].mean().round() == round(10_000 / 257) and grey[:, -1].mean().round() == round(40_000 / 257)
 
 
 def test_one_shared_size_is_kept_and_resized_on_the_device(tmp_path, monkeypatch, capsys):
-    """Images that all share a size below the input are stored at it (here 24 px, input 32 px) and upsampled
-    on the device; float32 against PIL's 8-bit resize differs by at most one grey level (see tolerance()).
-    The crop padding is 1/8 of the stored side, as the DataLoader path pads 1/8 of image_size. A shared
-    size above the input (48 px) is resized on decoding: the device never shrinks (it has no antialias)."""
+    """Images that all share a size below the input are stored at it (here 24 px, input 32 px) and
+    upsampled on the device, on both paths alike; the crop padding is 1/8 of the stored side. A shared
+    size above the input (48 px) is resized on decoding: the device never shrinks (it has no
+    antialias)."""
     rng = np.random.default_rng(2)
     share = imagedata.FOLDER_MEMORY_SHARE
     for side, stored in ((24, 24), (48, 32)):
@@ -426,10 +365,10 @@ def test_one_shared_size_is_kept_and_resized_on_the_device(tmp_path, monkeypatch
                                        for k in ("a", "b") for i in range(4)})
         memory, loader = both_paths(folder, monkeypatch, capsys)
         assert memory.images.shape == (8, 3, stored, stored) and memory.pad == stored // 8
+        assert loader.size == (stored, stored) and loader.pad == memory.pad
         xm, _ = eval_batches(memory)
         xl, _ = eval_batches(loader)
-        assert xm.shape == xl.shape == (8, 3, 32, 32)
-        assert (xm - xl).abs().max() <= 1.01 / 255 / min(imagedata.DATASETS["folder"].stats[1])
+        assert xm.shape == xl.shape == (8, 3, 32, 32) and torch.equal(xm, xl)
 
 
 @pytest.mark.skipif(not (REAL_DATA / "cifar10-jpeg" / "train").is_dir(),
@@ -444,10 +383,11 @@ def test_real_cifar10_jpegs_in_memory_equal_the_dataloader_path(tmp_path, monkey
     assert memory.images.shape == (200, 3, 32, 32) and memory.pad == 4
     xm, ym = eval_batches(memory)
     xl, yl = eval_batches(loader)
-    assert torch.equal(ym, yl) and (xm - xl).abs().max() < 1e-5
-    # Augmented batches are crops/flips of the same kind: padded by 4 px of 32 in both.
+    assert torch.equal(ym, yl) and torch.equal(xm, xl)
+    # Augmented batches: the same crops and flips on both paths, padded by 4 px of 32.
     xa, _ = next(memory.batches(torch.arange(64), 64, True, torch.Generator().manual_seed(0)))
-    assert not torch.equal(xa, xm[:64]) and xa.shape == xm[:64].shape
+    xb, _ = next(loader.batches(torch.arange(64), 64, True, torch.Generator().manual_seed(0)))
+    assert not torch.equal(xa, xm[:64]) and torch.equal(xa, xb)
 
 
 def test_decoding_in_worker_processes_gives_the_same_split(tmp_path, capsys):

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.quick
 
 
 def parse(*argv):
-    return cli.parse_config(train.DEFAULTS, train.__file__, "x", argv=list(map(str, argv)),
-                            extra=train.extra_options, recipes=True)
+    return cli.parse(train.DEFAULTS, "x", argv=list(map(str, argv)), rules=train.RULES,
+                     check=train.check_settings, extra=train.extra_options, recipes=True)
 
 
 def write(tmp_path, text: str):
@@ -25,9 +25,9 @@ def write(tmp_path, text: str):
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.py")), ids=lambda p: p.name)
 def test_every_shipped_recipe_sets_only_train_py_settings_of_the_right_type(recipe):
     config, args = parse(recipe)
-    values = cli.read_recipe(str(recipe), "train.py", train.DEFAULTS, {})
+    values = cli.read_recipe(str(recipe), train.DEFAULTS)
     assert values and {k.lower(): v for k, v in values.items()}.items() <= config.items()
-    assert args.explicit == {k.lower() for k in values}
+    assert args.given == {k.lower() for k in values}
 
 
 def test_a_recipe_replaces_the_block_and_typed_options_win(tmp_path):
@@ -38,17 +38,18 @@ def test_a_recipe_replaces_the_block_and_typed_options_win(tmp_path):
         (5, 1.0, "on", True)
     assert isinstance(config["lr"], float)
     assert config["image_size"] == train.DEFAULTS["IMAGE_SIZE"]  # not in the recipe: the block's
-    assert {"epochs", "lr", "augment", "batch_norm"} <= args.explicit
-    assert "image_size" not in args.explicit
+    assert {"epochs", "lr", "augment", "batch_norm"} <= args.given
+    assert "image_size" not in args.given
 
 
 @pytest.mark.parametrize("text,words", [
     ("EPOCH = 3\n", ["EPOCH", "no setting of train.py", "EPOCHS"]),
-    ("LR = 0.02,\n", ["LR", "float", "tuple"]),
+    ("LR = 0.02,\n", ["LR", "number", "tuple"]),
     ("EPOCHS = 2 * 3\n", ["line 1", "EPOCHS", "plain value"]),
     ("import os\n", ["line 1", "NAME = value"]),
-    ("AUGMENT = 'always'\n", ["augment", "auto, on or off"]),
-    ("EPOCHS = 0\n", ["--epochs", "at least 1"]),
+    ("AUGMENT = 'always'\n", ["augment", "auto, on, off"]),
+    ("SMALL_MAP_LR = True\n", ["SMALL_MAP_LR", "no setting of train.py"]),
+    ("EPOCHS = 0\n", ["--epochs", "from 1", "r.py"]),
     ("EPOCHS = \n", ["not a Python file"]),
 ])
 def test_a_bad_recipe_is_one_line_naming_the_problem(tmp_path, text, words):

@@ -281,7 +281,7 @@ def test_16_bit_scans_are_scaled_by_their_declared_depth_not_their_content(tmp_p
     """Two dim 16-bit scans that differ in one pixel (its maximum 300 against 255): both read as the
     file's depth says (v / 257, so nearly black), in training's decoder and in test.py --image, and
     a digit model inverts neither (by their content one read as mean 175 and was inverted)."""
-    import imagedata
+    import folders
     script = load_script("test.py", "test_script_16bit")
     rng = np.random.default_rng(0)
     dim = rng.integers(100, 250, (28, 28)).astype(np.uint16)
@@ -291,7 +291,7 @@ def test_16_bit_scans_are_scaled_by_their_declared_depth_not_their_content(tmp_p
         Image.fromarray(scan).save(tmp_path / name)
     expected = np.round(dim / 257)
     for name in ("a.png", "b.png", "a.tif"):
-        decoded, why = imagedata._decode(str(tmp_path / name), (28, 28))  # training's decoder
+        decoded, why = folders.decode(str(tmp_path / name), (28, 28))  # training's decoder
         assert why is None and np.abs(decoded[..., 0].astype(float) - expected).max() <= 1, name
         x, inverted, _ = script.read_image(tmp_path / name, "mnist", "auto")
         assert not inverted, name

@@ -13,9 +13,9 @@ from conftest import TINY, csv_rows, load, make_folder, run_script, weight_diffe
 from runs import popen, wait_for
 
 
-# Two epochs with a step schedule: a run of 1 epoch extended by --resume --epochs 2 follows the same
+# Two epochs at a constant rate: a run of 1 epoch extended by --resume --epochs 2 follows the same
 # learning rates as a straight 2-epoch run (a cosine schedule's shape depends on the number of epochs).
-RUN = [*TINY, "--epochs", "2", "--schedule", "step", "--step-epochs", "1", "--step-gamma", "0.5"]
+RUN = [*TINY, "--epochs", "2", "--schedule", "constant"]
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +142,22 @@ def load_ok(folder: Path) -> dict:
 # --------------------------------------------------------------------------------------- divergence
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(data, tmp_path):
-    # Epoch 1 trains normally; epoch 2 multiplies the rate by 1e30, so the loss leaves the finite numbers.
-    proc = run_script("train.py", *TINY, "--epochs", "3", "--schedule", "step", "--step-epochs", "1",
-                      "--step-gamma", "1e30", "--data-dir", data, "--save-dir", tmp_path)
+    # Epoch 1 trains normally; its last.pth is given a rate of 1e30 for the epochs to come (as a
+    # schedule gone wrong would), so the loss of epoch 2 leaves the finite numbers.
+    run_script("train.py", *TINY, "--schedule", "constant", "--data-dir", data, "--save-dir",
+               tmp_path, check=True)
+    ckpt = load(tmp_path / "last.pth")
+    ckpt["scheduler"]["base_lrs"] = [1e30 for _ in ckpt["scheduler"]["base_lrs"]]
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["lr"] = group["initial_lr"] = 1e30
+    checkpoints.save(ckpt, tmp_path / "last.pth")
+    proc = run_script("train.py", "--resume", "--epochs", "3", "--data-dir", data, "--save-dir",
+                      tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]  # stderr also has the progress bar
     assert len(errors) == 1 and "the loss became NaN or infinite at epoch 2, step" in errors[0]
+    assert "the last good checkpoint is kept" in errors[0]
     last = load(tmp_path / "last.pth")
     assert last["epoch"] == 1 and last["step"] == 0
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -15,6 +15,7 @@ import checkpoints
 import cli
 import devices
 import net
+import runstate
 import train
 from conftest import TINY, csv_rows, load, make_mnist, run_train_in_process
 
@@ -28,8 +29,8 @@ def tiny_config(**more) -> dict:
 
 def tiny_state(c=None):
     c = c or tiny_config()
-    run = train.Run(c, [str(k) for k in range(10)], CPU, None, steps_per_epoch=2)
-    return run, train.build_state(run, None)
+    run = runstate.Run(c, [str(k) for k in range(10)], CPU, None, steps_per_epoch=2)
+    return run, train.make_state(run, None)
 
 
 @pytest.mark.quick
@@ -41,18 +42,18 @@ def test_a_model_that_is_not_finite_is_never_saved(where):
     bn = state.model.features[1]
     assert isinstance(bn, torch.nn.BatchNorm2d)
     getattr(bn, where).data[0] = math.inf
-    with pytest.raises(train.Diverged, match="no longer finite"):
-        state.checkpoint(run, 1, 0, train.EpochTotals())
+    with pytest.raises(runstate.Diverged, match="no longer finite"):
+        state.checkpoint(run, 1, 0, runstate.EpochTotals())
 
 
 @pytest.mark.quick
-def test_an_evaluated_loss_that_is_not_finite_saves_nothing(tmp_path, monkeypatch):
+def test_an_evaluated_loss_that_is_not_finite_saves_nothing(tmp_path, handlers):
     c = tiny_config(save_dir=str(tmp_path))
     run, state = tiny_state(c)
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (math.nan, 0.5))
-    with pytest.raises(train.Diverged, match="loss"):
-        train.finish_epoch(run, state, checkpoints.OldRun(tmp_path, False), 0,
-                           train.EpochTotals(1.0, 1, 4), None, object(), 0.0)
+    keeper = runstate.Keeper(run, checkpoints.OldRun(tmp_path, False), "save_model")
+    for val, test in (((math.nan, 0.5), None), (None, (math.inf, 0.5))):
+        with pytest.raises(runstate.Diverged, match="loss"):
+            keeper.end_epoch(state, 0, runstate.EpochTotals(1.0, 1, 4), val, test, 1.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -183,7 +184,9 @@ def test_resume_and_test_find_the_data_folder_by_one_rule(tmp_path, monkeypatch,
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "elsewhere"))
     args = [*TINY, "--batch-size", "8", "--save-dir", tmp_path / "s"]
     run_train_in_process(monkeypatch, *args, "--data-dir", root)
-    monkeypatch.setattr(train, "DEFAULTS", {**train.DEFAULTS, "DATA_DIR": str(tmp_path / "elsewhere")})
+    block = train.DEFAULTS
+    monkeypatch.setattr(train, "DEFAULTS", cli.Block({**block, "DATA_DIR": str(tmp_path / "elsewhere")},
+                                                     block.kinds, block.help, block.source))
     state, _ = run_train_in_process(monkeypatch, *args, "--resume", "--epochs", "2")
     assert state.epoch == 2
     proc = run_script("test.py", "--checkpoint", tmp_path / "s" / "best.pth", "--device", "cpu",

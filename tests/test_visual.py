@@ -245,14 +245,16 @@ def test_read_image_for_cifar10(script, tmp_path, cifar_ok):
     assert torch.equal(x, data.images[5])
 
 
-def test_folder_transform_is_the_datasets_eval_transform(script, tmp_path):
+def test_own_images_of_a_folder_model_are_read_as_training_reads_its_files(script, tmp_path):
+    """Pictures of mixed sizes (stored at the input size, 48 px, as training stores such a folder):
+    test.py --image reads each one into the very pixels the test split holds."""
     rng = np.random.default_rng(0)
     for k, (name, size) in enumerate((("cat", (90, 60)), ("dog", (40, 120)))):
         (tmp_path / "test" / name).mkdir(parents=True)
         pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
         Image.fromarray(pixels, "RGBA").save(tmp_path / "test" / name / f"{k}.png")
-    mean, std = imagedata.DATASETS["folder"].stats
-    data = imagedata.FolderImages(tmp_path / "test", None, mean, std, 48, torch.device("cpu"), 0)
-    for i, (path, _) in enumerate(data.eval_set.samples):
-        x, _, _ = script.read_image(path, "folder", "auto", imagedata.eval_transform(48))
-        assert torch.equal(x, data.eval_set[i][0])
+    c = {"dataset": "folder", "data_dir": str(tmp_path), "image_size": 48, "workers": 0}
+    data = imagedata.load_split(c, False, torch.device("cpu"))
+    for i, path in enumerate(data.paths):
+        x, _, _ = script.read_image(path, "folder", "auto", 48)
+        assert torch.equal(x, data.images[i])
