@@ -157,7 +157,8 @@ def typed(name: str, value, kind, where: str):
         return value
     if origin is list:
         value = [value] if isinstance(value, str) else value
-        if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+        if not (isinstance(value, (list, tuple)) and value
+                and all(isinstance(v, str) for v in value)):
             raise UserError(f"{name} in {where} must be a path or a list of paths, got {value!r}")
         return list(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -388,9 +388,9 @@ def close(*splits) -> None:
 
 
 class Subset:
-    """Part of a split (DeviceImages or StreamedImages), named by the split's own indices: batches(i)
-    hands out the images at positions i of this part, so shuffles, shards and resume work on it
-    unchanged."""
+    """Part of a split (DeviceImages or StreamedImages), named by the split's own indices:
+    batches(i) hands out the images at positions i of this part, so shuffles, shards and resume work
+    on it unchanged."""
 
     def __init__(self, data, indices: torch.Tensor):
         self.data = data
@@ -441,9 +441,9 @@ def load_train_val(c: dict, device: torch.device):
     kept = set(train.labels[train_idx.to(train.labels.device)].tolist())
     lost = [name for k, name in enumerate(train.classes) if k not in kept]
     if lost and folders.is_master():
-        console(f"warning: holding out {len(val_idx)} validation image(s) leaves no training images "
-              f"of class(es) {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}: add images, "
-              "or lower --val-fraction", file=sys.stderr)
+        console(f"warning: holding out {len(val_idx)} validation image(s) leaves no training "
+                f"images of class(es) {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''}: "
+                "add images, or lower --val-fraction", file=sys.stderr)
     return Subset(train, train_idx), Subset(train, val_idx)
 
 
@@ -541,9 +541,9 @@ def split_batches(indices: torch.Tensor, batch_size: int,
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C, SIGTERM and the other stop signals reach the whole process group (and SLURM signals
-    every process), but only the main process may act on them; a worker that died would end the run
-    before last.pth is written."""
+    """In a DataLoader worker: Ctrl-C, SIGTERM and the other stop signals reach the whole process
+    group (and SLURM signals every process), but only the main process may act on them; a worker
+    that died would end the run before last.pth is written."""
     for signum in devices.STOP_SIGNALS:  # (no import here: a forked worker may deadlock in one)
         signal.signal(signum, signal.SIG_IGN)
 

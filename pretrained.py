@@ -169,7 +169,8 @@ def check_fits(source: Source, own: dict, skip=HEAD) -> None:
     """A source that cannot go into a network whose state dict is `own` (the tensors in `skip`
     aside) is one line that names the file: values that are not finite, another architecture."""
     state, what = source.state, f"--pretrained {source.file}"
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"{what} holds values that are not finite (NaN or infinity) in {len(bad)} "
                         f"tensor(s), e.g. {bad[0]}: a model cannot be trained from it")

@@ -3,13 +3,13 @@ and --resume, also on another number of processes.
 
 train.py holds the recipe and the loop, and calls this module a few times a run:
 
-    c, ckpt = runstate.start_or_resume(config, args, ...)   # before anything in SAVE_DIR is written
-    keeper = runstate.Keeper(run, old_run)                   # Ctrl-C and SIGTERM are caught from here
-    runstate.restore(state, ckpt, run, lr)                   # --resume: where last.pth left the run
+    c, ckpt = runstate.start_or_resume(config, args, ...)  # before SAVE_DIR is written
+    keeper = runstate.Keeper(run, old_run, ...)             # Ctrl-C, SIGTERM are caught from here
+    runstate.restore(state, ckpt, run, lr)                  # --resume: where last.pth left the run
     for each epoch:
-        progress = keeper.epoch(state, epoch)                # sums, progress bar, signals, timed saves
-        ... progress.step(loss, logits, labels) after every optimizer step ...
-        keeper.end_epoch(state, epoch, progress.done(), val, test)   # the epoch's files and line
+        progress = keeper.epoch(state, epoch)   # sums, progress bar, signals, timed saves
+        ... progress.step_done(loss, logits, labels) after every optimizer step ...
+        keeper.end_epoch(state, epoch, progress.done(), val, test, seconds)  # files and line
 
 Every process of a torchrun run takes the same decisions at the same step: saving gathers all of
 their random states, and a process that stopped or raised alone would leave the others waiting.

@@ -4,7 +4,7 @@ your own images.
     python test.py                                      # save_model/best.pth, first 20 test images
     python test.py --checkpoint save_model/epoch_003.pth --show 100
     python test.py --show-all                           # one line per test image
-    python test.py --grid 100 --grid-seed 1 --out figs  # another sample of 100 in figs/predictions.png
+    python test.py --grid 100 --grid-seed 1 --out figs  # another sample of 100 test images
     python test.py --image my_digit.png photos/         # your own images (files or folders of them)
     python test.py --image scan.jpg --invert off        # keep colours as they are (digit models)
     python test.py --tta off                            # a model trained with --tta, plain logits
@@ -240,8 +240,9 @@ def sample_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
 
 
 def report_mistakes(args, model, c, data, logits, labels, classes, out: Path) -> None:
-    """mistakes.csv (every misclassified image, worst loss first), cam.png (the first CAM images with
-    the heat map of their predicted class) and mistakes.png (the MISTAKES highest losses)."""
+    """mistakes.csv (every misclassified image, worst loss first), cam.png (CAM images of the
+    sample with the heat map of their predicted class) and mistakes.png (the MISTAKES highest
+    losses)."""
     probs = torch.softmax(logits, dim=1)
     losses = F.cross_entropy(logits, labels, reduction="none")
     preds = probs.argmax(1)

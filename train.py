@@ -161,7 +161,7 @@ def check_fine_tune(c: dict, given: set) -> None:
                             f"add --pretrained (imagenet, or a file), or leave {flag} out")
 
 
-# ------------------------------------------------------------------------ model, optimizer, schedule
+# ---------------------------------------------------------------------- model, optimizer, schedule
 
 def make_state(run: Run, source: pretrained.Source | None) -> TrainingState:
     """The network (the same initial weights on every process, or the pretrained ones), optimizer,

@@ -1,5 +1,4 @@
-"""MNIST on a 2-core CPU: about 99.6% (99.62-99.65% in two runs) in 4 to 8 minutes (README,
-"No GPU? A first run on the CPU").
+"""MNIST on a 2-core CPU: 99.65% in 4 min 0 s on a Zen 4 (README's table; 99.62% with --seed 1).
 
     python train.py recipes/mnist_cpu.py              # options typed after it still win
 
