@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import net
+
 try:
     import fcntl  # the save-folder lock; not on Windows
 except ImportError:
@@ -28,7 +30,7 @@ from errors import UserError
 # What a run leaves in SAVE_DIR besides epoch_NNN.pth; --overwrite removes them at the new run's
 # first save.
 OLD_RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "confusion.png",
-                 "predictions.png")
+                 "predictions.png", "tensorboard")
 
 
 # Any of these (or an epoch_NNN.pth) means SAVE_DIR holds a run that a fresh start would damage.
@@ -37,7 +39,7 @@ RUN_FILES = ("last.pth", "best.pth", "metrics.csv")
 
 # val_loss and val_acc come last, so a metrics.csv begun before validation splits keeps its columns.
 METRICS_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-                  "images_per_s", "val_loss", "val_acc"]
+                  "images_per_s", "val_loss", "val_acc", "val_balanced_acc", "test_balanced_acc"]
 
 
 # ------------------------------------------------------------------------------ checkpoint format
@@ -86,13 +88,14 @@ def training_state(*, model: dict, optimizer: dict, scheduler: dict, scaler: dic
             "partial": partial, "ema": ema}
 
 
-def weights(state: dict, test_acc: float, val_acc: float | None) -> dict:
+def weights(state: dict, test_acc: float, val_acc: float | None,
+            val_balanced_acc: float | None = None) -> dict:
     """What epoch_NNN.pth and best.pth hold: the weights that were evaluated (`evaluated_weights`:
     the trained ones, or their moving average) and what test.py needs to rebuild the network, from
     a `training_state`, with that epoch's accuracies (val_acc None: no validation split)."""
     return {"format": FORMAT, "model": evaluated_weights(state), "config": dict(state["config"]),
             **{k: state[k] for k in ("classes", "epoch", "best_acc")},
-            "test_acc": test_acc, "val_acc": val_acc}
+            "test_acc": test_acc, "val_acc": val_acc, "val_balanced_acc": val_balanced_acc}
 
 
 def evaluated_weights(ckpt: dict) -> dict:
@@ -203,8 +206,8 @@ def load(path, map_location="cpu") -> dict:
         ckpt = safe_load(path, map_location)
     except PermissionError as e:
         raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors and plain values; "
+    except pickle.UnpicklingError:  # another kind of file, or objects other than tensors
+        raise UserError(f"{path} is not a PyTorch checkpoint of tensors and plain values; "
                         "refusing to load it (weights_only=True)") from None
     # arbitrary bytes make the unpickler fail in many ways (EOFError, IndexError, ...)
     except Exception:
@@ -212,6 +215,23 @@ def load(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no model/config/classes)")
     return upgrade(ckpt, path)
+
+
+def load_model(path) -> tuple[torch.nn.Module, dict]:
+    """(model on the CPU, checkpoint) of any file train.py writes: the network its configuration
+    describes, with the weights its accuracies were measured on (evaluated_weights: from last.pth
+    of a run with EMA_DECAY the average). Weights that are not finite are a warning."""
+    ckpt = load(path, map_location="cpu")
+    model = net.build_model(ckpt["config"], len(ckpt["classes"]))
+    state = evaluated_weights(ckpt)
+    load_model_state(model, state, path)
+    bad = [k for k, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        print(f"warning: {path} holds values that are not finite in {len(bad)} tensor(s) (e.g. "
+              f"{bad[0]}): its predictions mean nothing; use an earlier checkpoint",
+              file=sys.stderr)
+    return model, ckpt
 
 
 def safe_load(path, map_location="cpu"):
@@ -320,20 +340,22 @@ def unlock_save_dir() -> None:
         _lock = None
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, option: str = "--save-dir") -> None:
+    """`folder` exists (made if need be) and can be written: else one line naming `option`."""
+    what = "the save folder" if option == "--save-dir" else f"the {option} folder"
     try:
         if folder.is_symlink() and not folder.exists():
-            raise UserError(f"the save folder {folder} is a link to {os.readlink(folder)}, which "
-                            "does not exist: create that folder, or give another --save-dir")
+            raise UserError(f"{what} {folder} is a link to {os.readlink(folder)}, which does not "
+                            f"exist: create that folder, or give another {option}")
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"the save folder {folder} is not a folder (a file or a device): "
-                            "give another --save-dir")
+            raise UserError(f"{what} {folder} is not a folder (a file or a device): give another "
+                            f"{option}")
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to the save folder {folder}: {e.strerror or e}") from None
+        raise UserError(f"cannot write to {what} {folder}: {e.strerror or e}") from None
 
 
 def previous_run_files(folder: Path) -> list[str]:
@@ -406,12 +428,13 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
             continue
         if not isinstance(weights, dict):
             continue
+        chosen = "val_balanced_acc" if ckpt["config"].get("balance") else "val_acc"
         if "val_acc" not in weights:
             is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
         elif weights["val_acc"] is None:
             is_best = weights.get("epoch") == ckpt["epoch"]
         else:
-            is_best = weights["val_acc"] == ckpt["best_acc"]
+            is_best = weights.get(chosen) == ckpt["best_acc"]
         if is_best:
             save(weights, best)
             log(f"resume: {best} was missing: restored from {path.name}")

@@ -504,18 +504,39 @@ def epoch_batches(data, c: dict, epoch: int, from_step: int, steps: int,
     `world` trains on, from step `from_step` of its `steps` on: the epoch's seeded shuffle cut into
     this process's shard, augmented (where augment_enabled) from `generator`, which is seeded for
     the epoch at step 0; a run resumed mid-epoch passes the generator as last.pth left it."""
-    indices = shard_indices(len(data), c["seed"], epoch, rank, world)
+    indices = shard_indices(len(data), c["seed"], epoch, rank, world,
+                            data.labels.cpu() if c.get("balance") else None)
     if from_step == 0:
         generator.manual_seed(augmentation_seed(c["seed"], epoch, rank))
     return data.batches(indices[from_step * c["batch_size"]:], c["batch_size"],
                         augment_enabled(c), generator, steps=steps - from_step)
 
 
-def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+def shard_indices(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """This process's part of the epoch's shuffle. Every process draws the same permutation
-    (seeded by seed and epoch), so the shards are disjoint and together cover all n samples."""
+    (seeded by seed and epoch), so the shards are disjoint and together cover all n samples. With
+    `labels` (BALANCE) the epoch is n draws, with replacement, in which every class is equally
+    likely: image i with probability 1 / (classes x the size of its class), seeded likewise, so a
+    resumed epoch and every process see the same draws."""
     g = torch.Generator().manual_seed(seed * SEED_MIX + epoch)
-    return torch.randperm(n, generator=g)[rank::world]
+    if labels is None:
+        return torch.randperm(n, generator=g)[rank::world]
+    weights = 1.0 / torch.bincount(labels)[labels].double()
+    return torch.multinomial(weights, n, replacement=True, generator=g)[rank::world]
+
+
+def class_counts(labels: torch.Tensor, classes: list[str]) -> str | None:
+    """One line when the largest class of a training split has at least 3 times the images of the
+    smallest (a model then leans towards the large classes), else None."""
+    counts = torch.bincount(labels.cpu(), minlength=len(classes))
+    big, small = int(counts.argmax()), int(counts.argmin())
+    if counts[small] == 0 or counts[big] < 3 * counts[small]:
+        return None
+    return (f"warning: the training split is unbalanced: {classes[big]} has "
+            f"{int(counts[big]):,} images, {classes[small]} {int(counts[small]):,} "
+            f"({int(counts[big]) / int(counts[small]):.1f}x); --balance draws every class equally "
+            "often (and chooses best.pth by the mean recall of the classes)")
 
 
 def augmentation_seed(seed: int, epoch: int, rank: int = 0) -> int:

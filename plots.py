@@ -17,10 +17,11 @@ import torch
 # beyond this the confusion matrix is too wide to read: the worst pairs are listed
 MAX_MATRIX_CLASSES = 30
 
-def plot_curves(csv_path, png_path) -> int | None:
+def plot_curves(csv_path, png_path, chosen: str = "val_acc") -> int | None:
     """Redraw png_path from train.py's metrics.csv: loss and accuracy per epoch, train, validation
-    and test. Returns the epoch its title names as best.pth's (None: no validation, or no
-    picture).
+    and test (and the balanced accuracies, dashed, where the run has them). Returns the epoch its
+    title names as best.pth's, the first with the highest `chosen` column (None: no validation, or
+    no picture).
 
     Drawn on a bare matplotlib Figure, which renders with Agg: no display is needed, and no pyplot
     means the backend of whatever program imports this module is left alone. A plot that cannot be
@@ -46,22 +47,29 @@ def plot_curves(csv_path, png_path) -> int | None:
             scored = [(e, r) for e, r in zip(epochs, rows) if r.get(f"{split}_acc")]
             if not scored or split == "val" and not has_val:
                 continue
-            ax_loss.plot([e for e, _ in scored], [float(r[f"{split}_loss"]) for _, r in scored],
-                         marker=marker, label=split)
+            line, = ax_loss.plot([e for e, _ in scored],
+                                 [float(r[f"{split}_loss"]) for _, r in scored], marker=marker,
+                                 label=split)
             ax_acc.plot([e for e, _ in scored], [100 * float(r[f"{split}_acc"]) for _, r in scored],
                         marker=marker, label=split)
+            balanced = [(e, r) for e, r in scored if r.get(f"{split}_balanced_acc")]
+            if balanced:  # the mean recall of the classes, in the split's colour
+                ax_acc.plot([e for e, _ in balanced],
+                            [100 * float(r[f"{split}_balanced_acc"]) for _, r in balanced],
+                            marker=marker, linestyle="--", color=line.get_color(),
+                            label=f"{split} balanced")
         for ax, name in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy (%)")):
             ax.set(xlabel="epoch", ylabel=name)
             ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
             ax.grid(alpha=0.3)
             ax.legend()
-        # the epoch train.py keeps as best.pth: the first with the highest validation accuracy
+        # the epoch train.py keeps as best.pth: the first with the highest validation score
         best = None
-        if has_val:
-            best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_acc"]), -i))
+        if has_val and all(r.get(chosen) for r in rows):
+            best = max(range(len(rows)), key=lambda i: (float(rows[i][chosen]), -i))
             test = rows[best]["test_acc"]
-            fig.suptitle(f"best.pth: epoch {epochs[best]}, "
-                         f"validation {float(rows[best]['val_acc']):.2%}"
+            what = "validation" + (" balanced" if chosen == "val_balanced_acc" else "")
+            fig.suptitle(f"best.pth: epoch {epochs[best]}, {what} {float(rows[best][chosen]):.2%}"
                          f"{f', test {float(test):.2%}' if test else ''}", fontsize=10)
         elif rows and rows[-1]["test_acc"]:
             fig.suptitle(f"last epoch {epochs[-1]}: "
@@ -115,7 +123,12 @@ def printable(name: str) -> str:
 
 
 def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
-    """confusion.png: counts in the cells, coloured by their share of the actual class."""
+    """confusion.png: see confusion_figure."""
+    save_figure(confusion_figure(cm, classes), path)
+
+
+def confusion_figure(cm: torch.Tensor, classes: list[str]):
+    """The confusion matrix: counts in the cells, coloured by their share of the actual class."""
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, needs no display
     n = len(classes)
@@ -140,13 +153,19 @@ def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
         ax.set(xlabel="predicted (class index)", ylabel="actual (class index)")
     acc = cm.diag().sum().item() / max(1, cm.sum().item())
     ax.set_title(f"confusion matrix, test accuracy {acc:.2%}", fontsize=9)
-    save_figure(fig, path)
+    return fig
 
 
 def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor,
               classes: list[str], path: Path) -> None:
-    """predictions.png: the images as the dataset stores them, each with its predicted and actual
-    label; mistakes get a red caption and a red frame."""
+    """predictions.png: see grid_figure."""
+    save_figure(grid_figure(data, indices, preds, labels, classes), path)
+
+
+def grid_figure(data, indices: list[int], preds: torch.Tensor, labels: torch.Tensor,
+                classes: list[str], title: str | None = None):
+    """Images as the dataset stores them, each with its predicted and actual label; mistakes get a
+    red caption and a red frame."""
     from matplotlib.figure import Figure
     cols = min(len(indices), max(8, math.ceil(math.sqrt(len(indices)))))
     rows = math.ceil(len(indices) / cols)
@@ -170,9 +189,9 @@ def draw_grid(data, indices: list[int], preds: torch.Tensor, labels: torch.Tenso
             spine.set_linewidth(0.5 if ok else 2.5)
     for ax in axes[len(indices):]:  # the empty cells of the last row
         ax.set_axis_off()
-    fig.suptitle(f"{len(indices)} test images: predicted and true label, {wrong} wrong (in red)",
-                 fontsize=9)
-    save_figure(fig, path)
+    fig.suptitle(title or f"{len(indices)} test images: predicted and true label, {wrong} wrong "
+                 "(in red)", fontsize=9)
+    return fig
 
 
 def draw_cams(images: list, heats: list, titles: list[str], wrong: list[bool], title: str,

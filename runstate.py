@@ -159,9 +159,11 @@ def start_or_resume(config: cli.Config, args, log, block: cli.Block, runtime: tu
                     removed: dict, rules=(), check=None) -> tuple[cli.Config, dict | None]:
     """(the run's settings, last.pth or None), decided before anything in SAVE_DIR is written. On
     --resume the settings are last.pth's, merged over today's defaults (cli.merge_stored), except
-    the `runtime` ones (device, data folder, ...), which follow this invocation, and a typed
-    --epochs; a typed value that differs from the checkpoint's is said with the value used. A run
-    that used a setting this code no longer has (`removed`) cannot go on as it began: one line."""
+    the run-time ones (runtime = (names, names only when typed): device, data folder, ...), which
+    follow this invocation; a typed value that differs from the checkpoint's is said with the value
+    used. A run that used a setting this code no longer has (`removed`) cannot go on as it began:
+    one line."""
+    runtime, when_typed = runtime
     last_path = checkpoints.last_path(config["save_dir"])
     args.data_from = imagedata.choose_data_dir(
         config["data_dir"] if "data_dir" in args.given else None, None, config["data_dir"])[1]
@@ -188,7 +190,7 @@ def start_or_resume(config: cli.Config, args, log, block: cli.Block, runtime: tu
                                                          config["data_dir"])
     merged = cli.Config(stored)
     for key, value in (config | {"data_dir": data_dir}).items():
-        if key in runtime and (key != "epochs" or key in args.given):
+        if key in runtime and (key not in when_typed or key in args.given):
             merged[key] = value
         if key in args.given and stored[key] != value:
             used = "this value" if merged[key] == value else f"the checkpoint's {stored[key]!r}"
@@ -354,6 +356,7 @@ class EpochProgress:
         self.correct = torch.zeros((), dtype=torch.long, device=run.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
         self.seen = self.seen_logged = 0
+        self.loss_logged = 0.0  # loss_sum at the last log step
         self.t_log, self.first_steps, self.warn_slow = time.perf_counter(), [], warn_slow
         self.bar = tqdm(total=run.steps_per_epoch, initial=self.start,
                         desc=f"epoch {epoch + 1}/{run.config['epochs']}", disable=not run.master,
@@ -391,14 +394,15 @@ class EpochProgress:
         """A log step: the device's sums are read (a sync), the bar shows them."""
         if int(self.first_bad) >= 0:
             raise Diverged(f"epoch {self.epoch + 1}, step {int(self.first_bad) + 1}")
-        now, so_far = time.perf_counter(), self.so_far()
+        now, so_far, loss_sum = time.perf_counter(), self.so_far(), float(self.loss_sum)
         rate = (self.seen - self.seen_logged) * self.run.world / (now - self.t_log)
         self.bar.set_postfix(loss=f"{so_far.loss / so_far.images:.4f}",
                              acc=f"{so_far.correct / so_far.images:.2%}", img_s=f"{rate:.0f}")
-        self.t_log, self.seen_logged = now, self.seen
-        if self.keeper.board is not None:  # the training loss every LOG_EVERY steps
-            self.keeper.board.train_step(self.epoch * self.run.steps_per_epoch + self.step,
-                                         so_far.loss / so_far.images)
+        if self.keeper.board is not None and self.seen > self.seen_logged:
+            # the mean loss of this process's batches since the last log step
+            self.keeper.board.train_steps(self.epoch * self.run.steps_per_epoch + self.step,
+                                          (loss_sum - self.loss_logged) / (self.seen - self.seen_logged))
+        self.t_log, self.seen_logged, self.loss_logged = now, self.seen, loss_sum
 
     def stop(self) -> None:
         """last.pth is saved: say how to go on, and exit 128 + the signal."""
@@ -457,29 +461,35 @@ class Keeper:
         """last.pth, from rank 0 (--overwrite: the previous run goes at this first save)."""
         if self.run.master:
             self.old_run.before_save()
+            if self.board is not None:  # the events this checkpoint covers, on disk first
+                self.board.commit()
             checkpoints.save(ckpt, self.run.last_path)
             self.old_run.after_save(self.run.log)
         self.preemption.saved()
 
     def end_epoch(self, state: TrainingState, epoch: int, totals: EpochTotals,
                   val: tuple | None, test: tuple | None, seconds: float) -> dict:
-        """After the epoch's training and scoring (val, test: (loss, accuracy) or None): the epoch
-        files, best.pth when validation improved (a tie is none), metrics.csv, curves.png and
-        last.pth, each atomically, last.pth last; then the epoch's line. Returns the results."""
+        """After the epoch's training and scoring (val, test: (loss, accuracy, balanced accuracy)
+        or None): the epoch files, best.pth when validation improved (accuracy, or with BALANCE
+        balanced accuracy; a tie is no improvement), metrics.csv, curves.png and last.pth, each
+        atomically, last.pth last; then the epoch's line. Returns the results."""
         run, c = self.run, self.run.config
         if not all(math.isfinite(split[0]) for split in (val, test) if split is not None):
             raise Diverged(f"epoch {epoch + 1}, end (the evaluated loss is no longer finite)")
         lr = state.optimizer.param_groups[-1]["lr"]  # the head's, when a fine-tune has two rates
-        is_best = val is None or epoch == 0 or val[1] > state.best_acc
+        chosen = val[chosen_score(c)] if val is not None else None
+        is_best = val is None or epoch == 0 or chosen > state.best_acc
         if val is not None:
-            state.best_acc = max(state.best_acc, val[1]) if epoch else val[1]
+            state.best_acc = max(state.best_acc, chosen) if epoch else chosen
         state.epoch = epoch + 1
         ckpt = state.checkpoint(run, epoch + 1, 0, EpochTotals())
         train = (totals.loss / totals.images, totals.correct / totals.images)
         if run.master:
             self.write_epoch(ckpt, epoch, train, val, test, lr, seconds, totals.images, is_best)
         self.preemption.saved()
-        scored = "".join(f"{name} loss {split[0]:.4f} acc {split[1]:.2%} | "
+        balanced = shows_balanced(c)
+        scored = "".join(f"{name} loss {split[0]:.4f} acc {split[1]:.2%}"
+                         f"{f' bal {split[2]:.2%}' if balanced else ''} | "
                          for name, split in (("val", val), ("test", test)) if split is not None)
         run.log(f"epoch {epoch + 1}/{c['epochs']}: train loss {train[0]:.4f} acc {train[1]:.2%} | "
                 f"{scored}lr {lr:.3g} | {seconds:.1f} s, {totals.images / seconds:.0f} img/s"
@@ -490,20 +500,25 @@ class Keeper:
         """The epoch's files, from rank 0. The weights first, so a full disk at the metrics write
         cannot cost them; last.pth last: if the run dies before it, --resume redoes this epoch, and
         the metrics row written here is dropped again (checkpoints.truncate_metrics)."""
-        save_dir = self.run.save_dir
+        save_dir, c = self.run.save_dir, self.run.config
         self.old_run.before_save()
-        weights = checkpoints.weights(ckpt, test[1] if test else None, val[1] if val else None)
+        weights = checkpoints.weights(ckpt, test[1] if test else None, val[1] if val else None,
+                                      val[2] if val else None)
         checkpoints.save(weights, checkpoints.epoch_path(save_dir, epoch + 1))
         if is_best:
             checkpoints.save(weights, checkpoints.best_path(save_dir))
-        cell = lambda split, i: f"{split[i]:.6f}" if split else ""  # noqa: E731
+        balanced = shows_balanced(c)
+        cell = lambda split, i: f"{split[i]:.6f}" if split and (i < 2 or balanced) else ""  # noqa
         row = [epoch + 1, f"{train[0]:.6f}", f"{train[1]:.6f}", cell(test, 0), cell(test, 1),
-               f"{lr:.6g}", f"{seconds:.2f}", f"{images / seconds:.1f}", cell(val, 0), cell(val, 1)]
+               f"{lr:.6g}", f"{seconds:.2f}", f"{images / seconds:.1f}", cell(val, 0), cell(val, 1),
+               cell(val, 2), cell(test, 2)]
         checkpoints.append_metrics(save_dir / "metrics.csv",
                                    dict(zip(checkpoints.METRICS_FIELDS, row)))
-        plots.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png")
-        if self.board is not None:
-            self.board.epoch(epoch + 1, train, val, test, lr, images / seconds)
+        plots.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png",
+                          chosen="val_balanced_acc" if c["balance"] else "val_acc")
+        if self.board is not None:  # the events this checkpoint covers, on disk first
+            self.board.epoch(epoch + 1, train, val, test, lr, images / seconds, balanced)
+            self.board.commit()
         checkpoints.save(ckpt, self.run.last_path)
         self.old_run.after_save(self.run.log)
         checkpoints.rotate(save_dir, self.run.config["keep"])
@@ -533,7 +548,7 @@ class Keeper:
         except UserError as e:
             print(f"warning: could not test {path}: {e}", file=sys.stderr)
             return None
-        loss, acc = score(model, test_data)
+        loss, acc = score(model, test_data)[:2]
         del model
         best["test_acc"] = acc
         checkpoints.save(best, path)
@@ -549,6 +564,18 @@ class Keeper:
             kept = "no checkpoint of this run was written" + (
                 "; the previous run's files are as they were" if self.old_run.pending else "")
         return Diverged(f"{error}; {kept}")
+
+
+def chosen_score(c: dict) -> int:
+    """Which score of a validation split chooses best.pth: accuracy, or with BALANCE the balanced
+    accuracy (indices of train.Score)."""
+    return 2 if c.get("balance") else 1
+
+
+def shows_balanced(c: dict) -> bool:
+    """Balanced accuracy is shown (epoch line, metrics.csv, curves.png) for folder datasets, whose
+    classes may differ in size, and wherever BALANCE is on."""
+    return c["dataset"] == "folder" or bool(c.get("balance"))
 
 
 def share_batchnorm_statistics(run: Run, state: TrainingState) -> None:

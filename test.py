@@ -38,7 +38,6 @@ import imagedata
 import plots
 from errors import UserError
 from imagedata import DATASETS
-from net import build_model
 
 # ----------------------------------------------------------------------------------------- settings
 # Edit these, or override any of them on the command line: python test.py --show 100
@@ -89,17 +88,9 @@ RULES = [
 
 
 def load_model(path, device):
-    """(model, checkpoint) rebuilt from the configuration the checkpoint carries."""
-    ckpt = checkpoints.load(path, map_location="cpu")
-    model = build_model(ckpt["config"], len(ckpt["classes"]))
-    weights = checkpoints.evaluated_weights(ckpt)
-    checkpoints.load_model_state(model, weights, path)
-    bad = [k for k, t in weights.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        cli.console(f"warning: {path} holds values that are not finite in {len(bad)} tensor(s) "
-                    f"(e.g. {bad[0]}): its predictions mean nothing; use an earlier checkpoint",
-                    file=sys.stderr)
+    """(model on `device`, checkpoint): the network its configuration describes, with the weights
+    its accuracies were measured on (checkpoints.load_model)."""
+    model, ckpt = checkpoints.load_model(path)
     return devices.place(model, device), ckpt
 
 
@@ -298,8 +289,8 @@ def write_csv(path: Path, rows: list[list[str]]) -> None:
 
 def output_dir(args, inputs: list[tuple[Path, str]]) -> Path | None:
     """The folder the pictures and CSV files go to: --out, else the checkpoint's. Never one inside
-    `inputs` (folders of images, each with how to name it): the next run would read the pictures as
-    images. One that cannot be written is a warning, and None: the report is still printed, and
+    `inputs` (folders of images, each with how to name it, and "itself" where only that folder is
+    meant, not those inside it): the next run would read the pictures as images. One that cannot be written is a warning, and None: the report is still printed, and
     the exit code is then 2 (args.lost_pictures)."""
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     what = (f"--out {out}" if args.out else
@@ -310,8 +301,10 @@ def output_dir(args, inputs: list[tuple[Path, str]]) -> Path | None:
                             "create that folder, or give --out another")
         if out.exists() and not out.is_dir():
             raise UserError(f"{what} is a file, not a folder: give --out a folder")
-        for folder, named in inputs:
-            if out.resolve().is_relative_to(folder.resolve()):
+        for folder, named, *only in inputs:
+            inside = out.resolve() == folder.resolve() if only else \
+                out.resolve().is_relative_to(folder.resolve())
+            if inside:
                 raise UserError(f"{what} is inside {named}, where its pictures would be read as "
                                 "images the next time: give --out a folder outside it")
         out.mkdir(parents=True, exist_ok=True)
@@ -416,9 +409,10 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
 
     files = find_images(args.image, report)
-    # the folders the images come from (a file's own folder too: `--image photos/*` again)
+    # the folders the images come from, and a file's own folder (`--image photos/*` again)
     inputs = [(Path(p), f"--image folder {p}") if Path(p).is_dir() else
-              (Path(p).parent, f"{Path(p).parent}, the folder of --image {p}") for p in args.image]
+              (Path(p).parent, f"{Path(p).parent}, the folder of --image {p}", "itself")
+              for p in args.image]
     out = output_dir(args, inputs + data_folders(c)) if files else None
     rows = [["file", "predicted", "probability", f"top_{args.top_k}"]]
     layer, name = gradcam.cam_layer(model, c["image_size"])

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel
 import checkpoints
 import cli
 import devices
+import folders
 import imagedata
 import net
 import pretrained
@@ -52,6 +53,9 @@ SHIFT = 4                 # with AUGMENT: the crops shift images by up to this m
 WORKERS = 4               # processes that read a folder dataset's files
 SKIP_BAD_IMAGES = False   # folder dataset: leave out unreadable image files (else they stop the
                           # run)
+BALANCE = False           # each epoch draws the training images so that every class comes equally
+                          # often, and best.pth is chosen by the classes' mean recall (balanced
+                          # accuracy): for folders whose classes differ in size
 VAL_FRACTION = 0.1        # share of train images held out to choose best.pth (0: none); a folder's
                           # val/ wins
 TTA = False               # validation and test: average the logits of each image and its mirror
@@ -98,6 +102,7 @@ KEEP = 3                  # how many epoch_NNN.pth to keep (each is about 530 MB
                           # all
 SAVE_EVERY_MINUTES = 0.0  # also write last.pth inside an epoch this often (0 = only at epoch ends)
 LOG_EVERY = 50            # steps between progress-bar updates (each costs one device sync)
+TENSORBOARD = False       # also write TensorBoard event files to SAVE_DIR/tensorboard (board.py)
 # ------------------------------------------------------------------------------------------
 DEFAULTS = cli.settings(globals())  # the block above ends here: a constant below is no setting
 
@@ -131,10 +136,13 @@ RULES = [
     ("log_every", "at least 1", lambda v: v >= 1),
 ]
 
-# Settings that do not change what is computed: on --resume these follow this invocation (--epochs
-# only when typed, to extend a run); every other one comes from the checkpoint.
+# Settings that do not change what is computed: on --resume these follow this invocation (those in
+# WHEN_TYPED only when typed: --epochs extends a run, --tensorboard or --no-tensorboard switches
+# it); every other one comes from the checkpoint.
 RUNTIME = ("data_dir", "workers", "device", "amp", "compile", "save_dir", "keep",
-           "save_every_minutes", "log_every", "epochs", "skip_bad_images", "test_every_epoch")
+           "save_every_minutes", "log_every", "epochs", "skip_bad_images", "test_every_epoch",
+           "tensorboard")
+WHEN_TYPED = ("epochs", "tensorboard")
 
 # Settings this code had and dropped (measured without a gain: docs/recipes.md), with the value
 # that meant "off": a run that used one still tests, but does not resume.
@@ -266,26 +274,39 @@ def train_one_epoch(run: Run, state: TrainingState, train_model, data, epoch: in
     return progress.done()
 
 
+class Score(NamedTuple):
+    """A split's scores, over all of its images."""
+    loss: float      # mean cross-entropy
+    acc: float       # accuracy
+    balanced: float  # balanced accuracy: the mean over classes of their recall
+
+
 @torch.inference_mode()
 def evaluate(model, data, batch_size: int, device, amp, rank: int = 0, world: int = 1,
-             tta: bool = False, tta_shift: int = 0) -> tuple[float, float]:
-    """(mean loss, accuracy) over the whole split; each process takes every world-th sample. With
-    tta, of the logits averaged over each image and its mirror image (and with tta_shift over the
-    moved images too: imagedata.predict)."""
+             tta: bool = False, tta_shift: int = 0) -> Score:
+    """The scores over the whole split; each process takes every world-th sample. With tta, of the
+    logits averaged over each image and its mirror image (and with tta_shift over the moved images
+    too: imagedata.predict)."""
     model.eval()
+    n = len(data.classes)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # MPS has no float64
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    hits = torch.zeros(n, dtype=torch.long, device=device)     # right, per class
+    count = torch.zeros(n, dtype=torch.long, device=device)    # images, per class
     indices = torch.arange(len(data))[rank::world]
     for x, y in data.batches(indices, batch_size):
         with devices.autocast(device, amp):
             logits = imagedata.predict(model, x, tta, tta_shift)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    loss_sum, correct = devices.sum_across([loss_sum.item(), correct.item()], device, world > 1)
-    return loss_sum / len(data), correct / len(data)
+        hits += torch.bincount(y[logits.argmax(1) == y], minlength=n)
+        count += torch.bincount(y, minlength=n)
+    totals = devices.sum_across([loss_sum.item(), *hits.tolist(), *count.tolist()], device,
+                                world > 1)
+    hits, count = torch.tensor(totals[1:n + 1]), torch.tensor(totals[n + 1:])
+    recall = hits[count > 0] / count[count > 0]
+    return Score(totals[0] / len(data), float(hits.sum()) / len(data), float(recall.mean()))
 
 
-def score(run: Run, model, data) -> tuple[float, float]:
+def score(run: Run, model, data) -> Score:
     """evaluate() with the run's settings: batches twice the training batch, TTA as configured."""
     c = run.config
     return evaluate(model, data, 2 * c["batch_size"], run.device, run.amp, run.rank, run.world,
@@ -315,8 +336,8 @@ def main() -> tuple[TrainingState, dict]:
     if rank == 0:  # the save folder: locked, then a fresh run or last.pth
         checkpoints.lock_save_dir(Path(config["save_dir"]))
     log = console if rank == 0 else (lambda *a, **k: None)
-    c, ckpt = runstate.start_or_resume(config, args, log, DEFAULTS, RUNTIME, REMOVED, RULES,
-                                       check_settings)
+    c, ckpt = runstate.start_or_resume(config, args, log, DEFAULTS, (RUNTIME, WHEN_TYPED), REMOVED,
+                                       RULES, check_settings)
     if rank == 0:
         checkpoints.tidy_save_dir(Path(c["save_dir"]), ckpt, log)
     if source is not None:  # the statistics the weights were trained with normalize the inputs
@@ -340,19 +361,29 @@ def train(run: Run, ckpt: dict | None, source, splits, amp_reason: str, args):
     state = make_state(run, source if ckpt is None else None)
     if ckpt is not None:
         runstate.restore(state, ckpt, run, effective_lr(c, run.world))
-        if c["pretrained"] is not None:
-            run.pretrained = f"{c['pretrained']} (resumed)"
-        best = (f", best validation accuracy {state.best_acc:.2%}"  # none in the first epoch
-                if val_data is not None and state.epoch else "")
-        run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
-    old_run = checkpoints.OldRun(run.save_dir,
-                                 replace=run.master and args.overwrite and ckpt is None)
-    keeper = runstate.Keeper(run, old_run, DEFAULTS["SAVE_DIR"])  # signals caught from here on
+    keeper = start(run, state, ckpt, args.overwrite, val_data is not None)
     run.log(header(run, state, [len(s) if s is not None else 0 for s in splits], amp_reason))
-    if c["pretrained"] and c["freeze_epochs"] >= c["epochs"] and run.master and ckpt is None:
-        console(f"warning: --freeze-epochs {c['freeze_epochs']} covers all {c['epochs']} "
-                "epoch(s): only the new last layer trains, the pretrained layers never do",
-                file=sys.stderr)
+    try:
+        results = epochs(run, state, keeper, splits)
+        if not c["test_every_epoch"]:  # rank 0 alone: no collective
+            results["best_test"] = keeper.test_best(state, test_data, lambda model, data: evaluate(
+                model, data, 2 * c["batch_size"], run.device, run.amp, tta=c["tta"],
+                tta_shift=c["tta_shift"]))
+        if keeper.board is not None:  # the last epoch's confusion matrix and worst mistakes
+            keeper.board.pictures(state.evaluated, test_data, state.epoch, run.device, run.amp)
+            keeper.board.commit()
+    finally:
+        if keeper.board is not None:
+            keeper.board.close()  # what no checkpoint covers is not written
+    finish(run, state, val_data is not None)
+    return state, results
+
+
+def epochs(run: Run, state: TrainingState, keeper: runstate.Keeper, splits) -> dict:
+    """Epoch after epoch from where the state stands: train, score, save. Returns the last
+    epoch's results."""
+    c = run.config
+    train_data, val_data, test_data = splits
     results, frozen = {}, None
     try:
         for epoch in range(state.epoch, c["epochs"]):
@@ -370,12 +401,31 @@ def train(run: Run, ckpt: dict | None, source, splits, amp_reason: str, args):
             results = keeper.end_epoch(state, epoch, totals, val, test, time.perf_counter() - t0)
     except Diverged as e:
         raise keeper.diverged(e) from None
-    if not c["test_every_epoch"]:  # rank 0 alone: no collective
-        results["best_test"] = keeper.test_best(state, test_data, lambda model, data: evaluate(
-            model, data, 2 * c["batch_size"], run.device, run.amp, tta=c["tta"],
-            tta_shift=c["tta_shift"]))
-    finish(run, state, val_data is not None)
-    return state, results
+    return results
+
+
+def start(run: Run, state: TrainingState, ckpt: dict | None, overwrite: bool,
+          has_val: bool) -> runstate.Keeper:
+    """The lines a run starts with (where it resumes, a fine-tune that never unfreezes), and its
+    Keeper: from here on Ctrl-C and SIGTERM save and stop, and TensorBoard gets its events."""
+    c = run.config
+    if ckpt is not None:
+        if c["pretrained"] is not None:
+            run.pretrained = f"{c['pretrained']} (resumed)"
+        best = (f", best validation accuracy {state.best_acc:.2%}"  # none in the first epoch
+                if has_val and state.epoch else "")
+        run.log(f"resumed {run.last_path}: epoch {state.epoch + 1}, step {state.step}{best}")
+    if c["pretrained"] and c["freeze_epochs"] >= c["epochs"] and run.master and ckpt is None:
+        console(f"warning: --freeze-epochs {c['freeze_epochs']} covers all {c['epochs']} "
+                "epoch(s): only the new last layer trains, the pretrained layers never do",
+                file=sys.stderr)
+    board = None
+    if c["tensorboard"] and run.master:
+        import board as tensorboard  # imports tensorboard only when it is asked for
+        board = tensorboard.Board(run.save_dir / "tensorboard", state.epoch,
+                                  state.epoch * run.steps_per_epoch + state.step)
+    old_run = checkpoints.OldRun(run.save_dir, replace=run.master and overwrite and ckpt is None)
+    return runstate.Keeper(run, old_run, DEFAULTS["SAVE_DIR"], board)
 
 
 def load_data(c: dict, device: torch.device, world: int, ckpt: dict | None, data_from: str):
@@ -401,6 +451,9 @@ def load_data(c: dict, device: torch.device, world: int, ckpt: dict | None, data
     if len(train_data) < world:
         raise UserError(f"the training set has {len(train_data)} images, fewer than the {world} "
                         "processes")
+    unbalanced = imagedata.class_counts(train_data.labels, classes)
+    if unbalanced and not c["balance"] and folders.is_master():
+        console(unbalanced, file=sys.stderr)
     return train_data, val_data, test_data
 
 

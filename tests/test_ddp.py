@@ -177,7 +177,7 @@ def test_only_rank_0_reports_and_the_reduced_test_accuracy_covers_the_split_once
     test_data = imagedata.load_split(c, False, torch.device("cpu"))
     # in the precision the run evaluated in (bf16 on a CPU with AMX or a Zen 4, else fp32)
     amp = devices.amp_dtype(torch.device("cpu"), c["amp"])
-    loss, acc = train.evaluate(model, test_data, 64, torch.device("cpu"), amp)
+    loss, acc, _ = train.evaluate(model, test_data, 64, torch.device("cpu"), amp)
     assert acc == r0[1]  # correct / N_TEST: the same count of correct images
     assert loss == pytest.approx(r0[0], rel=1e-5 if amp is None else 1e-3)
 
@@ -202,7 +202,7 @@ def test_resume_under_torchrun_is_exact_and_a_single_process_can_continue(ddp_ru
     best = load(save / "best.pth")
     model = net.build_model(best["config"], 10)
     model.load_state_dict(best["model"])
-    loss, acc = train.evaluate(model, imagedata.load_split(best["config"], False, torch.device("cpu")), 64,
+    loss, acc, _ = train.evaluate(model, imagedata.load_split(best["config"], False, torch.device("cpu")), 64,
                                torch.device("cpu"), None)
     assert best["test_acc"] == pytest.approx(acc)
     assert re.findall(r"^best\.pth \(epoch 1\): test loss ([\d.]+) acc ([\d.]+)%$", first.stdout, re.M) == [

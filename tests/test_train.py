@@ -53,9 +53,9 @@ def test_training_lowers_the_loss(trained):
     test_data = imagedata.load_split(c, False, torch.device("cpu"))
     torch.manual_seed(c["seed"])  # train.py's initial weights
     model = net.build_model(c, 10)
-    initial_loss, _ = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
+    initial_loss, _, _ = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
     model.load_state_dict(ckpt["model"])
-    final_loss, final_acc = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
+    final_loss, final_acc, _ = train.evaluate(model, test_data, 128, torch.device("cpu"), None)
     assert final_loss < initial_loss - 0.1
     assert final_acc > 0.2  # chance is 0.1
 
@@ -254,7 +254,7 @@ def test_without_test_every_epoch_the_test_split_is_scored_once_on_best_pth(tmp_
     model = net.build_model(c, 10)
     model.load_state_dict(best["model"])
     test_data = imagedata.load_split(c, False, torch.device("cpu"), classes=best["classes"])
-    loss, acc = evaluate(model, test_data, 64, torch.device("cpu"), None)
+    loss, acc, _ = evaluate(model, test_data, 64, torch.device("cpu"), None)
     assert best["test_acc"] == pytest.approx(acc)
     assert f"best.pth (epoch {best['epoch']}): test loss {loss:.4f} acc {acc:.2%}" in out
     assert not any("test loss" in line for line in out.splitlines() if line.startswith("epoch "))

@@ -76,7 +76,7 @@ def run_train(args, monkeypatch, accuracies):
         split = "test" if len(data) == 64 else "val"
         acc = accuracies[split][calls[split]]
         calls[split] += 1
-        return 1 - acc, acc
+        return 1 - acc, acc, acc
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     run_train_in_process(monkeypatch, *args)
