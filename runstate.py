@@ -527,16 +527,7 @@ class Keeper:
         """Without TEST_EVERY_EPOCH: the test split scored once (score(model, data) -> (loss,
         accuracy)) on best.pth's weights, by rank 0 alone (the save folder may be its own); said,
         and stored in best.pth. None where there is no best.pth, or it cannot be read (a warning;
-        the file is left as it is). Under torchrun the other processes wait for it, so that all
-        leave the process group together (torch 2.3 hung in a destroy_process_group called while
-        rank 0 was still testing)."""
-        try:
-            return self._test_best(state, test_data, score)
-        finally:
-            if self.run.distributed:
-                dist.barrier()
-
-    def _test_best(self, state: TrainingState, test_data, score) -> tuple[float, float] | None:
+        the file is left as it is)."""
         run = self.run
         path = checkpoints.best_path(run.save_dir)
         if not run.master or not path.exists():

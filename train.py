@@ -375,6 +375,8 @@ def train(run: Run, ckpt: dict | None, source, splits, amp_reason: str, args):
     finally:
         if keeper.board is not None:
             keeper.board.close()  # what no checkpoint covers is not written
+    if run.distributed:  # the others wait for rank 0's last work, so that all leave the process
+        torch.distributed.barrier()  # group together (torch 2.3 hung in a destroy meanwhile)
     finish(run, state, val_data is not None)
     return state, results
 

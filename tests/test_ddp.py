@@ -68,8 +68,8 @@ def cross_entropy(logits, *args, **kwargs):
 
 torch.nn.functional.cross_entropy = cross_entropy
 
-def shard_indices(n, seed, epoch, rank=0, world=1):
-    idx = real_shard(n, seed, epoch, rank, world)
+def shard_indices(n, seed, epoch, rank=0, world=1, labels=None):
+    idx = real_shard(n, seed, epoch, rank, world, labels)
     shards.append({{"epoch": epoch, "world": world, "indices": idx.tolist()}})
     return idx
 

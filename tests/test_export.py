@@ -2,6 +2,7 @@
 size for any batch, normalize inside, carry the class names, and give what test.py --image gives;
 README's onnxruntime lines run as written; bad input is one line."""
 
+import functools
 import json
 import re
 import subprocess
@@ -108,13 +109,14 @@ def test_a_disagreement_is_exit_1_with_the_numbers(folder_model, tmp_path, monke
     script = load_script("export.py", "export_script_fault")
     real = torch.onnx.export
 
-    def perturbed(module, *args, dynamo=False, **kwargs):
+    @functools.wraps(real)  # the exporter's own parameters, as export.py looks them up
+    def perturbed(module, *args, **kwargs):
         head = module.model.classifier[6]
         with torch.no_grad():
             saved = head.weight.clone(), head.bias.clone()
             head.weight.copy_(saved[0].roll(1, 0))
             head.bias.copy_(saved[1].roll(1, 0))
-            real(module, *args, dynamo=dynamo, **kwargs)
+            real(module, *args, **kwargs)
             head.weight.copy_(saved[0])
             head.bias.copy_(saved[1])
     monkeypatch.setattr(torch.onnx, "export", perturbed)
