@@ -428,7 +428,7 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
             continue
         if not isinstance(weights, dict):
             continue
-        chosen = "val_balanced_acc" if ckpt["config"].get("balance") else "val_acc"
+        chosen = "val_balanced_acc" if ckpt.get("config", {}).get("balance") else "val_acc"
         if "val_acc" not in weights:
             is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
         elif weights["val_acc"] is None:

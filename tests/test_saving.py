@@ -83,7 +83,8 @@ def test_rotation_keeps_the_newest_epochs_past_999(tmp_path):
 @pytest.mark.quick
 def test_truncate_metrics_keeps_exactly_the_epochs_done(tmp_path):
     path = tmp_path / "metrics.csv"
-    rows = [checkpoints.METRICS_FIELDS] + [[str(e)] + ["0"] * 9 for e in (1, 2, 3)]
+    fields = checkpoints.METRICS_FIELDS
+    rows = [fields] + [[str(e)] + ["0"] * (len(fields) - 1) for e in (1, 2, 3)]
     checkpoints.write_csv(path, rows)
     checkpoints.truncate_metrics(path, 2)
     assert [r[0] for r in checkpoints.read_metrics(path, checkpoints.METRICS_FIELDS)[1:]] == ["1", "2"]
