@@ -61,7 +61,7 @@ def test_an_unbalanced_folder_is_said_and_balance_shows_and_chooses_by_the_mean_
     root = unbalanced_folder(tmp_path / "d")
     run = [*TINY, "--dataset", "folder", "--data-dir", root, "--workers", "0", "--batch-size", "8",
            "--val-fraction", "0.2", "--epochs", "2"]
-    run_train_in_process(monkeypatch, *run, "--save-dir", tmp_path / "plain")
+    run_train_in_process(monkeypatch, *run, "--epochs", "1", "--save-dir", tmp_path / "plain")
     err = capsys.readouterr().err
     line, = [l for l in err.splitlines() if "unbalanced" in l]
     assert "--balance" in line and "c0" in line and "c1" in line
@@ -87,7 +87,7 @@ def test_balanced_draws_resume_mid_epoch_exactly(tmp_path):
     weights as 2 epochs straight. The balanced draws are seeded like the shuffle they replace."""
     import signal
     from runs import popen, wait_for
-    root = unbalanced_folder(tmp_path / "d", sizes=(60, 12))
+    root = unbalanced_folder(tmp_path / "d")
     run = [*TINY, "--dataset", "folder", "--data-dir", root, "--workers", "0", "--batch-size", "4",
            "--val-fraction", "0", "--balance", "--schedule", "constant", "--epochs", "2"]
     run_script("train.py", *run, "--save-dir", tmp_path / "straight", check=True)
@@ -96,7 +96,7 @@ def test_balanced_draws_resume_mid_epoch_exactly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     stopped = load(tmp_path / "split" / "last.pth")
-    assert stopped["epoch"] == 0 and 0 < stopped["step"] < 18
+    assert stopped["epoch"] == 0 and 0 < stopped["step"] < 9  # 36 images, 9 steps an epoch
     run_script("train.py", "--resume", "--save-dir", tmp_path / "split", check=True)
     assert not weight_differences(load(tmp_path / "split" / "last.pth")["model"],
                                   load(tmp_path / "straight" / "last.pth")["model"])

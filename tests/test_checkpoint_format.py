@@ -98,24 +98,29 @@ def test_a_format_6_run_tests_and_resumes(format_6_run, tmp_path):
     assert "folder_in_memory" not in last and "cutout" not in last["config"]
 
 
-@pytest.mark.parametrize("setting, value", [("cutout", 0.5), ("small_map_lr", True),
-                                            ("step_epochs", 1)])
 def test_a_run_that_used_a_removed_setting_tests_but_does_not_resume(format_6_run, tmp_path,
-                                                                     setting, value):
+                                                                     capsys):
+    """CUTOUT, SMALL_MAP_LR and the step schedule's STEP_EPOCHS, each stored with a value that
+    changed the run: test.py still tests its best.pth; --resume is one line naming the setting,
+    and last.pth is left as it was."""
     import shutil
+    import train
     from conftest import run_script
+    from runs import call, one_line
     data, save = format_6_run
-    shutil.copytree(save, tmp_path / "s")
-    for name in ("last.pth", "best.pth"):
-        path = tmp_path / "s" / name
-        ckpt = torch.load(path, weights_only=True)
-        checkpoints.save(dict(ckpt, config=dict(ckpt["config"], **{setting: value})), path)
-    proc = run_script("test.py", "--checkpoint", tmp_path / "s" / "best.pth", "--device", "cpu",
+    for setting, value in (("cutout", 0.5), ("small_map_lr", True), ("step_epochs", 1)):
+        folder = tmp_path / setting
+        shutil.copytree(save, folder)
+        for name in ("last.pth", "best.pth"):
+            ckpt = torch.load(folder / name, weights_only=True)
+            checkpoints.save(dict(ckpt, config=dict(ckpt["config"], **{setting: value})),
+                             folder / name)
+        before = (folder / "last.pth").read_bytes()
+        code, err = call(train.run, "train.py", ["--resume", "--epochs", "2", "--save-dir",
+                                                 folder], capsys)
+        line = one_line(err)
+        assert code == 2 and setting.upper() in line and "no longer has" in line and "test" in line
+        assert (folder / "last.pth").read_bytes() == before
+    proc = run_script("test.py", "--checkpoint", folder / "best.pth", "--device", "cpu",
                       check=True)
     assert "test accuracy: " in proc.stdout
-    before = (tmp_path / "s" / "last.pth").read_bytes()
-    proc = run_script("train.py", "--resume", "--epochs", "2", "--save-dir", tmp_path / "s")
-    assert proc.returncode == 2
-    line, = proc.stderr.strip().splitlines()
-    assert setting.upper() in line and "no longer has" in line and "test" in line
-    assert (tmp_path / "s" / "last.pth").read_bytes() == before

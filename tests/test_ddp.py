@@ -425,11 +425,12 @@ def test_a_weight_average_under_torchrun_is_one_network_on_every_process(tmp_pat
 def test_an_unreadable_pretrained_file_under_torchrun_is_one_line_and_no_abort(tmp_path):
     """Rank 0 says the one line, the other process exits quietly, and neither aborts in the process
     group's destructor ("terminate called without an active exception", SIGABRT): before the group
-    was left on the way out, 9 launches of 20 aborted. Six launches here."""
+    was left on the way out, 9 launches of 20 aborted, so four launches here catch that about 10
+    times in 11."""
     photos = make_folder(tmp_path / "d", n_train=8, n_test=4, classes=("a", "b"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    for _ in range(6):
+    for _ in range(4):
         proc = torchrun(tmp_path, *TINY, "--dataset", "folder", "--workers", "0", "--data-dir", photos,
                         "--pretrained", bad, "--save-dir", tmp_path / "save", record=False)
         assert proc.returncode != 0
