@@ -1,4 +1,4 @@
-"""CIFAR-10 on a 2-core CPU: 86.65% in 15 min 44 s on a Zen 4 (README's table; measured on a JPEG copy
+"""CIFAR-10 on a 2-core CPU: 86.65% in 15 min 57 s on a Zen 4 (README's table; measured on a JPEG copy
 of CIFAR-10 in class folders, `--dataset folder --data-dir DIR`).
 
     python train.py recipes/cifar10_cpu.py            # torchvision downloads CIFAR-10 into ./data

@@ -1,4 +1,4 @@
-"""Fashion-MNIST on a 2-core CPU: 94.12% in 7 min 29 s on a Zen 4 (README's table; 93.69% with
+"""Fashion-MNIST on a 2-core CPU: 94.12% in 7 min 53 s on a Zen 4 (README's table; 93.69% with
 --seed 1).
 
     python train.py recipes/fashion_mnist_cpu.py      # options typed after it still win
