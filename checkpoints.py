@@ -6,6 +6,7 @@ atomically by `save` and read back by `load` with weights_only=True, which passe
 through `upgrade`: the one place that knows what older formats lacked.
 """
 
+import contextlib
 import csv
 import errno
 import os
@@ -146,21 +147,31 @@ def save(obj: dict, path: Path) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
     A crash or a full disk at any moment leaves the previous `path` intact."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with replaced_whole(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch's zip writer says RuntimeError, without errno
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise UserError(f"could not write {path}: {write_failure(e, path.parent)}; "
                         "the previous checkpoint is unchanged") from None
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path):
+    """A temporary file's path in `path`'s folder, renamed over `path` when the block ends without
+    an error and removed when it fails: `path` is the old file or the new one, never half of one
+    (tidy_save_dir removes what a killed process left, by the same name pattern)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)  # nothing left to remove after the rename
+        except OSError:  # a folder that cannot be written holds no temporary file either
+            pass
 
 
 def write_failure(e: Exception, folder: Path) -> str:
@@ -520,16 +531,13 @@ def csv_cell(value) -> str:
 def write_csv(path: Path, rows: list[list[str]]) -> None:
     """Whole-file and atomic, as the checkpoints: a full disk leaves the previous file, never half a
     row. Every cell is quoted and neutralized (csv_cell), in every CSV the repo writes."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with replaced_whole(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             csv.writer(f, quoting=csv.QUOTE_ALL).writerows([[csv_cell(v) for v in row]
                                                            for row in rows])
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path}: {write_failure(e, path.parent)}; "
                         f"the previous {path.name} is unchanged") from None
 

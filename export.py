@@ -75,20 +75,19 @@ def export_onnx(module, example, path: Path, opset: int, meta: dict) -> None:
     """The ONNX file, any batch size, with `meta` as its metadata_props; written whole or not at
     all. Written by torch's TorchScript-based exporter, which every torch this repo allows has."""
     import onnx
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters \
         else {}
     try:
-        with warnings.catch_warnings():  # the exporter's notes on tracing a fixed input size
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(tmp), input_names=["images"],
-                              output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, **kwargs)
-        model = onnx.load(str(tmp))
-        for key, value in meta.items():
-            model.metadata_props.add(key=key, value=value)
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        with checkpoints.replaced_whole(path) as tmp:
+            with warnings.catch_warnings():  # the exporter's notes on tracing a fixed input size
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, (example,), str(tmp), input_names=["images"],
+                                  output_names=["logits"], opset_version=opset,
+                                  dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, **kwargs)
+            model = onnx.load(str(tmp))
+            for key, value in meta.items():
+                model.metadata_props.add(key=key, value=value)
+            onnx.save(model, str(tmp))
     except OSError as e:
         why = checkpoints.write_failure(e, path.parent)
         raise UserError(f"could not write {path}: {why}") from None
@@ -96,25 +95,19 @@ def export_onnx(module, example, path: Path, opset: int, meta: dict) -> None:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"the ONNX exporter of torch {torch.__version__} cannot write this model "
                         f"at --opset {opset} ({reason})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_torchscript(module, example, path: Path, meta: dict) -> None:
     """The TorchScript file (torch.jit.trace: the model has no data-dependent branch at a fixed
     image size), with `meta` as its extra files; written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with warnings.catch_warnings():
+        with checkpoints.replaced_whole(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(module, example)
             torch.jit.save(traced, str(tmp), _extra_files=meta)
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         why = checkpoints.write_failure(e, path.parent)
         raise UserError(f"could not write {path}: {why}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @torch.inference_mode()
