@@ -423,6 +423,12 @@ class OldRun:
         self.pending = False
 
 
+def chosen_column(config: dict) -> str:
+    """The metrics.csv column, and key of the epoch files, whose highest value chooses best.pth:
+    the validation accuracy, or with BALANCE the balanced accuracy."""
+    return "val_balanced_acc" if config.get("balance") else "val_acc"
+
+
 def restore_best(folder: Path, ckpt: dict, log) -> bool:
     """--resume with best.pth deleted: copy it back from the kept epoch_NNN.pth of the best epoch
     (the best validation accuracy; without a validation split the last epoch; in checkpoints written
@@ -430,6 +436,7 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
     best = best_path(folder)
     if best.exists() or ckpt["epoch"] == 0:
         return True
+    chosen = chosen_column(ckpt.get("config", {}))
     # oldest first: training keeps the first epoch that reaches the best accuracy (a tie is no
     # improvement), so a tie is restored from the first of them too
     for path in epoch_files(folder):
@@ -439,7 +446,6 @@ def restore_best(folder: Path, ckpt: dict, log) -> bool:
             continue
         if not isinstance(weights, dict):
             continue
-        chosen = "val_balanced_acc" if ckpt.get("config", {}).get("balance") else "val_acc"
         if "val_acc" not in weights:
             is_best = weights.get("test_acc") == ckpt["best_acc"] > 0
         elif weights["val_acc"] is None:

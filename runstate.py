@@ -515,7 +515,7 @@ class Keeper:
         checkpoints.append_metrics(save_dir / "metrics.csv",
                                    dict(zip(checkpoints.METRICS_FIELDS, row)))
         plots.plot_curves(save_dir / "metrics.csv", save_dir / "curves.png",
-                          chosen="val_balanced_acc" if c["balance"] else "val_acc")
+                          chosen=checkpoints.chosen_column(c))
         if self.board is not None:  # the events this checkpoint covers, on disk first
             self.board.epoch(epoch + 1, train, val, test, lr, images / seconds, balanced)
             self.board.commit()
@@ -558,9 +558,9 @@ class Keeper:
 
 
 def chosen_score(c: dict) -> int:
-    """Which score of a validation split chooses best.pth: accuracy, or with BALANCE the balanced
-    accuracy (indices of train.Score)."""
-    return 2 if c.get("balance") else 1
+    """Which score of a validation split chooses best.pth (checkpoints.chosen_column), as an index
+    of train.Score: accuracy, or balanced accuracy."""
+    return 2 if checkpoints.chosen_column(c) == "val_balanced_acc" else 1
 
 
 def shows_balanced(c: dict) -> bool:
