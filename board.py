@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import devices
 import imagedata
 import plots
 
@@ -70,16 +69,12 @@ class Board:
     @torch.inference_mode()
     def pictures(self, model, data, epoch: int, device, amp, mistakes: int = 16) -> None:
         """The confusion matrix of the test split and its `mistakes` highest losses, as pictures."""
-        model.eval()
-        logits = []
-        for x, _ in data.batches(torch.arange(len(data)), 256):
-            with devices.autocast(device, amp):
-                logits.append(imagedata.predict(model, x).float().cpu())
-        logits, labels = torch.cat(logits), data.labels.cpu()
+        logits = imagedata.predict_logits(model, data.batches(torch.arange(len(data)), 256),
+                                          device, amp)
+        labels = data.labels.cpu()
         preds = logits.argmax(1)
-        n = len(data.classes)
         classes = [plots.short(plots.printable(name)) for name in data.classes]
-        cm = torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
+        cm = plots.confusion_matrix(preds, labels, len(classes))
         self.pending.append(("epochs", "figure", "test/confusion_matrix",
                              plots.confusion_figure(cm, classes), epoch))
         worst = F.cross_entropy(logits, labels, reduction="none").argsort(descending=True)

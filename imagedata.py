@@ -447,6 +447,20 @@ def load_train_val(c: dict, device: torch.device):
     return Subset(train, train_idx), Subset(train, val_idx)
 
 
+@torch.inference_mode()
+def predict_logits(model, batches, device, amp, tta: bool = False,
+                   shift: int = 0) -> torch.Tensor:
+    """Logits (float32, on the CPU) of every image of `batches`, in order (tta: averaged with
+    those of the mirror image, and with a shift with those of the moved images: predict).
+    Softmax is left to the caller."""
+    model.eval()
+    logits = []
+    for x, _ in batches:
+        with devices.autocast(device, amp):
+            logits.append(predict(model, x, tta, shift).float().cpu())
+    return torch.cat(logits)
+
+
 def predict(model, x: torch.Tensor, tta: bool = False, shift: int = 0) -> torch.Tensor:
     """The model's logits for a batch; with tta, the mean of the logits of each image and of its
     mirror image (test-time augmentation: the net sees both views of a picture it was trained on

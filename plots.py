@@ -122,6 +122,11 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) counts: row = actual class, column = predicted class."""
+    return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
+
+
 def draw_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> None:
     """confusion.png: see confusion_figure."""
     save_figure(confusion_figure(cm, classes), path)

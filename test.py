@@ -94,26 +94,7 @@ def load_model(path, device):
     return devices.place(model, device), ckpt
 
 
-@torch.inference_mode()
-def predict_logits(model, batches, device, amp, tta: bool = False,
-                   shift: int = 0) -> torch.Tensor:
-    """Logits (float32, on the CPU) of every image of `batches`, in order (tta: averaged with
-    those of the mirror image, and with a shift with those of the moved images: imagedata.predict).
-    Softmax is left to the caller."""
-    model.eval()
-    logits = []
-    for x, _ in batches:
-        with devices.autocast(device, amp):
-            logits.append(imagedata.predict(model, x, tta, shift).float().cpu())
-    return torch.cat(logits)
-
-
 # ----------------------------------------------------------------------------------- the test split
-
-def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, n) counts: row = actual class, column = predicted class."""
-    return torch.bincount(labels * n + preds, minlength=n * n).view(n, n)
-
 
 MOST_CONFUSED = 20  # above plots.MAX_MATRIX_CLASSES classes, this many of the worst pairs replace
                     # the matrix
@@ -188,7 +169,7 @@ def evaluate_split(args, model, ckpt, c, device, amp, out: Path | None) -> None:
 def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
     """The printed report and the pictures for the test split `data`."""
     classes = [plots.printable(name) for name in ckpt["classes"]]
-    logits = predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
+    logits = imagedata.predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
                             device, amp, c["tta"], c["tta_shift"])
     preds, labels = logits.argmax(1), data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
@@ -200,7 +181,7 @@ def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
         top5 = int((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum())
         print(f"top-5 accuracy: {top5}/{len(labels)} = {top5 / len(labels):.2%}")
 
-    cm = confusion_matrix(preds, labels, len(classes))
+    cm = plots.confusion_matrix(preds, labels, len(classes))
     print()
     print(format_tables(cm, classes))
     print()
@@ -441,7 +422,7 @@ def predict_files(args, model, c, classes, device, amp) -> int:
         batches = list(imagedata.DeviceImages(
             x, torch.zeros(len(x), dtype=torch.long), classes, mean, std, c["image_size"],
             device).batches(torch.arange(len(x)), len(x)))
-        logits = predict_logits(model, batches, device, amp, c["tta"], c["tta_shift"])
+        logits = imagedata.predict_logits(model, batches, device, amp, c["tta"], c["tta_shift"])
         probs = torch.softmax(logits, dim=1)
         top_p, top_i = probs.topk(min(args.top_k, len(classes)), dim=1)
         for path, inv, ps, ks in zip(paths, inverted, top_p.tolist(), top_i.tolist()):

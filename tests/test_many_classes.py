@@ -6,6 +6,7 @@ import sys
 import torch
 
 import net
+import plots
 import train
 from conftest import ROOT
 
@@ -55,7 +56,7 @@ def test_many_classes_text_output(tmp_path, test_script):
     preds = labels.clone()
     preds[:n] = (labels[:n] + 1) % n     # every class mistaken once for the next
     preds[:5] = 999                      # classes 0..4 taken for class 999
-    cm = ts.confusion_matrix(preds, labels, n)
+    cm = plots.confusion_matrix(preds, labels, n)
     text = ts.format_tables(cm, [f"class{i}" for i in range(n)])
     assert len(text) < 200_000
     assert "confusion matrix (rows" not in text and "most confused" in text
