@@ -24,9 +24,10 @@ measured in the same run. FLOPs per image are counted by torch.utils.flop_counte
 forward + backward of the network as written (convolutions and matmuls; BatchNorm, ReLU and pooling
 count as 0), the same for all three, so work that (a) skips shows as speed, not as fewer FLOPs.
 
-On a CPU, THP_MEM_ALLOC_ENABLE=1 in the environment makes PyTorch back tensors of 2 MB and more with
-huge pages: far fewer page faults for the fresh weight copies and gradients of every step
-(VGG16's first Linear alone is 102M parameters), for all three pipelines alike.
+On a CPU, bench.py lets the C library keep the memory freed by each step for the next one, as
+train.py does (devices.keep_freed_memory, glibc): for the whole process, so for all three
+pipelines alike. Without it every step takes its fresh weight copies and gradients (VGG16's first
+Linear alone is 102M parameters) from the kernel again, page fault by page fault.
 
 Measured results, with their commands and machines: docs/bench.md.
 """
@@ -433,6 +434,7 @@ def main() -> None:
     device = devices.pick_device(args.device)
     # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
     devices.use_device(device)
+    kept = device.type == "cpu" and devices.keep_freed_memory()  # as train.py, for all three
     amp = devices.amp_dtype(device, args.amp)
     data_note = resolve_dataset(args)
     synthetic_size = args.batch_size * (args.warmup + args.steps)  # only what the steps consume
@@ -443,7 +445,7 @@ def main() -> None:
           f"{' (--quick)' if args.quick else ''}")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"(a) in {precision}{' + torch.compile' if args.compile else ''}"
-          f", (b) and (c) in fp32")
+          f", (b) and (c) in fp32{'; freed memory kept for reuse (all three)' if kept else ''}")
     print(f"data: {data_note or f'{args.dataset} under {Path(args.data_dir).resolve()}'}",
           flush=True)
 

@@ -1,8 +1,10 @@
 """Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
+import ctypes
 import os
 import platform
 import signal
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -51,13 +53,37 @@ def use_device(device: torch.device) -> None:
 
 
 def prepare(device: torch.device) -> None:
-    """Make `device` the current one, and let cuDNN pick its fastest kernels for training."""
+    """Make `device` the current one, and let cuDNN pick its fastest kernels for training (on a
+    CPU: keep_freed_memory)."""
     use_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         # fixed input shapes: let cuDNN pick its fastest convolutions
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Let the C library keep the memory PyTorch frees for the next allocation (Linux with glibc;
+    elsewhere nothing happens and this returns False). A training step on a CPU frees and allocates
+    the same buffers every step, and by default glibc gives the large ones back to the kernel and
+    asks for them again: every page of them is then a page fault, a fifth of the full-width step at
+    32 px. With this the step took 0.41 s instead of 0.51 s (1/4 width: 63 ms instead of 75-82)
+    on a 2-core Xeon with AMX, for 13% more peak memory at full width (docs/bench.md)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # every block from the heap (none mapped on its own), and the heap never handed back
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def amp_dtype(device: torch.device, mode: str) -> torch.dtype | None:
