@@ -502,7 +502,8 @@ import devices, net
 if sys.argv[1] == "prepared":
     devices.prepare(torch.device("cpu"))
 model = net.vgg(16, 10, True, width_div=4).to(memory_format=torch.channels_last)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                            fused=devices.fused_step(torch.device("cpu")))  # as train.py
 x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
 def step():
     with torch.autocast("cpu", torch.bfloat16):
