@@ -169,8 +169,8 @@ def evaluate_split(args, model, ckpt, c, device, amp, out: Path | None) -> None:
 def report(args, model, c, data, ckpt, device, amp, out: Path) -> None:
     """The printed report and the pictures for the test split `data`."""
     classes = [plots.printable(name) for name in ckpt["classes"]]
-    logits = imagedata.predict_logits(model, data.batches(torch.arange(len(data)), args.batch_size),
-                            device, amp, c["tta"], c["tta_shift"])
+    batches = data.batches(torch.arange(len(data)), args.batch_size)
+    logits = imagedata.predict_logits(model, batches, device, amp, c["tta"], c["tta_shift"])
     preds, labels = logits.argmax(1), data.labels.cpu()
     n_show = len(preds) if args.show_all else min(args.show, len(preds))
     for p, y in zip(preds[:n_show].tolist(), labels[:n_show].tolist()):
