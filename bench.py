@@ -24,15 +24,16 @@ measured in the same run. FLOPs per image are counted by torch.utils.flop_counte
 forward + backward of the network as written (convolutions and matmuls; BatchNorm, ReLU and pooling
 count as 0), the same for all three, so work that (a) skips shows as speed, not as fewer FLOPs.
 
-On a CPU, bench.py lets the C library keep the memory freed by each step for the next one, as
-train.py does (devices.keep_freed_memory, glibc): for the whole process, so for all three
-pipelines alike. Without it every step takes its fresh weight copies and gradients (VGG16's first
-Linear alone is 102M parameters) from the kernel again, page fault by page fault.
+Each pipeline runs in a fresh process of its own, as each would run as a script: its memory,
+peak and allocator settings are its own. So (a) keeps the memory each step frees for the next
+one, as train.py does on a CPU (devices.keep_freed_memory, glibc), while (b) and (c) run with the
+C library's defaults, as the tutorial and torchvision's examples do: there every step takes its
+fresh gradients (VGG16's first Linear alone is 102M parameters) from the kernel again, page
+fault by page fault.
 
 Measured results, with their commands and machines: docs/bench.md.
 """
 
-import gc
 import json
 import os
 import platform
@@ -129,26 +130,10 @@ def sync(device: torch.device) -> None:
         getattr(torch, device.type).synchronize()
 
 
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak. On a CPU, Linux resets the process's peak RSS (ru_maxrss) when 5 is written
-    to /proc/self/clear_refs; elsewhere it cannot be reset and the peak is that of the run so
-    far."""
-    gc.collect()
-    if device.type in ("cuda", "npu"):
-        getattr(torch, device.type).empty_cache()
-        getattr(torch, device.type).reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_memory(device: torch.device) -> int:
-    """Bytes: the most device memory torch allocated on a GPU/NPU; the whole process's peak RSS
-    otherwise (interpreter, libraries, datasets and model together, so not comparable with the GPU
-    number)."""
+    """Bytes: the most device memory torch allocated on a GPU/NPU; the process's peak RSS otherwise
+    (interpreter, libraries, dataset and model together, so not comparable with the GPU number).
+    Each pipeline runs in a process of its own, so either is that pipeline's alone."""
     if device.type in ("cuda", "npu"):
         return getattr(torch, device.type).max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -423,6 +408,32 @@ PIPELINES = [
 ]
 
 
+def measure(args, key: str, device_name: str, amp, synthetic_size: int) -> dict:
+    """Pipeline `key`, set up and timed in this process (a fresh one: in_fresh_process)."""
+    device = torch.device(device_name)
+    devices.use_device(device)
+    # as train.py (devices.prepare); the tutorial and torchvision's examples leave glibc as it is
+    kept = key == "a" and device.type == "cpu" and devices.keep_freed_memory()
+    torch.backends.cudnn.benchmark = key == "a"  # the tutorial and plain torchvision leave it off
+    make = next(make for k, _, make in PIPELINES if k == key)
+    batches, step, build = make(args, device, amp, synthetic_size)
+    times, others = time_steps(batches, step, args.batch_size, args.warmup, args.steps, device)
+    memory = peak_memory(device)
+    del batches, step
+    return {"step_seconds": times, "other_processes_cores": others, "peak_memory_bytes": memory,
+            "flops_per_image": flops_per_image(build, args.image_size, args.batch_size),
+            "freed_memory_kept": kept, "process_id": os.getpid()}
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned: nothing inherited but the arguments); its
+    exceptions, a UserError among them, are raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def human_bytes(n: int) -> str:
@@ -434,7 +445,6 @@ def main() -> None:
     device = devices.pick_device(args.device)
     # else a sync on cuda:1 waits for GPU 0 and the timings measure launches only
     devices.use_device(device)
-    kept = device.type == "cpu" and devices.keep_freed_memory()  # as train.py, for all three
     amp = devices.amp_dtype(device, args.amp)
     data_note = resolve_dataset(args)
     synthetic_size = args.batch_size * (args.warmup + args.steps)  # only what the steps consume
@@ -445,7 +455,7 @@ def main() -> None:
           f"{' (--quick)' if args.quick else ''}")
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"(a) in {precision}{' + torch.compile' if args.compile else ''}"
-          f", (b) and (c) in fp32{'; freed memory kept for reuse (all three)' if kept else ''}")
+          f", (b) and (c) in fp32; each pipeline in a fresh process")
     print(f"data: {data_note or f'{args.dataset} under {Path(args.data_dir).resolve()}'}",
           flush=True)
 
@@ -456,42 +466,32 @@ def main() -> None:
     peak_amp = matmul_flops(device, amp, n, args.matmul_reps) if amp else None
     peaks = [matmul_flops(device, torch.float32, n, args.matmul_reps)]
 
-    # ---- each pipeline in turn, its memory freed before the next
+    # ---- each pipeline in a fresh process of its own, one after the other
     results = []
-    for key, name, make in PIPELINES:
-        reset_ok = reset_peak_memory(device)
-        # the tutorial and the plain torchvision path leave it off
-        torch.backends.cudnn.benchmark = key == "a"
+    for key, name, _ in PIPELINES:
         t0 = time.perf_counter()
-        batches, step, build = make(args, device, amp, synthetic_size)
-        times, others = time_steps(batches, step, args.batch_size, args.warmup, args.steps, device)
-        memory = peak_memory(device)
-        del batches, step
-        flops = flops_per_image(build, args.image_size, args.batch_size)
+        r = in_fresh_process(measure, args, key, str(device), amp, synthetic_size)
+        times, others = r["step_seconds"], r["other_processes_cores"]
         img_s = args.batch_size / statistics.median(times)
         peaks.append(matmul_flops(device, torch.float32, n, args.matmul_reps))
         fp32_peak = (peaks[-2] + peaks[-1]) / 2  # the machine's speed just before and just after
         results.append({
-            "pipeline": key, "name": name, "images_per_s": img_s, "step_seconds": times,
-            "peak_memory_bytes": memory, "memory_peak_reset": reset_ok,
-            "flops_per_image": flops, "model_flops_per_s": flops * img_s,
-            "matmul_fp32_flops_per_s": fp32_peak,
-            "fraction_of_fp32_matmul": flops * img_s / fp32_peak, "other_processes_cores": others,
+            "pipeline": key, "name": name, "images_per_s": img_s, **r,
+            "model_flops_per_s": r["flops_per_image"] * img_s, "matmul_fp32_flops_per_s": fp32_peak,
+            "fraction_of_fp32_matmul": r["flops_per_image"] * img_s / fp32_peak,
         })
         busy = "" if others is None else f"; other processes kept {others:.2f} cores busy meanwhile"
         print(f"({key}) {name}: median step {statistics.median(times):.3f} s "
               f"(min {min(times):.3f}, max {max(times):.3f}), "
-              f"{time.perf_counter() - t0:.1f} s in all{busy}", flush=True)
-        del build
+              f"{time.perf_counter() - t0:.1f} s in all"
+              f"{', freed memory kept for reuse' if r['freed_memory_kept'] else ''}{busy}", flush=True)
     original = next(r for r in results if r["pipeline"] == "b")["images_per_s"]
     for r in results:
         r["ratio_to_original"] = r["images_per_s"] / original
 
     # ---- the table
     mem_kind = ("max_memory_allocated" if device.type in ("cuda", "npu") else
-                "peak RSS of the whole process"
-                + ("" if all(r["memory_peak_reset"] for r in results) else
-                   ", cumulative (could not reset)"))
+                "peak RSS of the pipeline's process")
     print()
     print(f"{'pipeline':<38} {'img/s':>9} {'x orig':>7} {'peak mem':>10} {'TFLOP/s':>9} "
           f"{'of fp32 mm':>10}")

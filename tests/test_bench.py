@@ -2,7 +2,9 @@
 The numbers depend on the machine and are printed, not asserted."""
 
 import json
+import platform
 import re
+import sys
 
 from conftest import make_mnist, run_script
 
@@ -32,6 +34,12 @@ def test_quick_bench_prints_every_pipeline(tmp_path):
         assert abs(r["ratio_to_original"] - ratio) < 1e-9 * ratio
         row = re.search(rf"^\({r['pipeline']}\) .* ({NUMBER})x ", proc.stdout, re.M)
         assert abs(float(row.group(1)) - ratio) < 0.006, (row.group(0), ratio)
+    # Each pipeline in a process of its own, with the allocator settings its own script would have:
+    # train.py's (keep the memory a step frees, Linux with glibc) for (a) only.
+    pipelines = results["pipelines"]
+    assert len({r["process_id"] for r in pipelines}) == 3
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert [r["freed_memory_kept"] for r in pipelines] == [glibc, False, False]
     # The same architecture in all three, so the same FLOPs per image.
     assert len({r["flops_per_image"] for r in results["pipelines"]}) == 1
 
