@@ -64,3 +64,12 @@ def test_user_errors_are_one_line(tmp_path):
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert proc.stderr.count("\n") == 1 and message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_a_mistake_found_in_a_pipelines_process_is_one_line(tmp_path):
+    """Each pipeline runs in a process of its own; a UserError raised there reaches the user as one line too."""
+    data = make_mnist(tmp_path / "data", n_train=256, n_test=8)  # 4 batches of 64
+    proc = run_script("bench.py", "--quick", "--device", "cpu", "--data-dir", data, "--steps", "5", timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr == ("bench.py: error: the training split holds only 4 full batches of 64; "
+                           "lower --steps, --warmup or --batch-size\n"), proc.stderr
