@@ -410,7 +410,7 @@ PIPELINES = [
 
 def measure(args, key: str, device_name: str, amp, synthetic_size: int) -> dict:
     """Pipeline `key`, set up and timed in this process (a fresh one: in_fresh_process)."""
-    device = torch.device(device_name)
+    device = devices.pick_device(device_name)  # on an NPU, imports torch_npu in this process too
     devices.use_device(device)
     # as train.py (devices.prepare); the tutorial and torchvision's examples leave glibc as it is
     kept = key == "a" and device.type == "cpu" and devices.keep_freed_memory()
@@ -484,7 +484,8 @@ def main() -> None:
         print(f"({key}) {name}: median step {statistics.median(times):.3f} s "
               f"(min {min(times):.3f}, max {max(times):.3f}), "
               f"{time.perf_counter() - t0:.1f} s in all"
-              f"{', freed memory kept for reuse' if r['freed_memory_kept'] else ''}{busy}", flush=True)
+              f"{', freed memory kept for reuse' if r['freed_memory_kept'] else ''}{busy}",
+              flush=True)
     original = next(r for r in results if r["pipeline"] == "b")["images_per_s"]
     for r in results:
         r["ratio_to_original"] = r["images_per_s"] / original
