@@ -41,7 +41,7 @@ def test_quick_bench_prints_every_pipeline(tmp_path):
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert [r["freed_memory_kept"] for r in pipelines] == [glibc, False, False]
     # The same architecture in all three, so the same FLOPs per image.
-    assert len({r["flops_per_image"] for r in results["pipelines"]}) == 1
+    assert len({r["flops_per_image"] for r in pipelines}) == 1
 
 
 def test_missing_dataset_falls_back_to_synthetic_with_quick(tmp_path):

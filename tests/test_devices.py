@@ -234,6 +234,19 @@ def test_bench_makes_the_chosen_gpu_current(two_fake_gpus, monkeypatch, capsys):
     assert two_fake_gpus == [torch.device("cuda", 1)]
 
 
+def test_each_bench_pipeline_makes_the_chosen_gpu_current_in_its_own_process(two_fake_gpus, monkeypatch):
+    """bench.py times each pipeline in a fresh process (bench.measure): there too cuda:1 must be made current
+    before anything runs, else the timings wait for GPU 0."""
+    import bench
+
+    def stop(*args):
+        raise Reached("the pipeline is built after the device is set up")
+    monkeypatch.setattr(bench, "PIPELINES", [("a", "this repo", stop)])
+    with pytest.raises(Reached):
+        bench.measure(bench.parse_args(["--device", "cuda:1"]), "a", "cuda:1", None, 0)
+    assert two_fake_gpus == [torch.device("cuda", 1)]
+
+
 @pytest.mark.quick
 def test_requirements_ask_for_the_torch_whose_apis_are_used():
     """torch.amp.GradScaler(device) appeared in torch 2.3 (torchvision 0.18); the suite passes with 2.3.1."""
