@@ -1,11 +1,11 @@
-"""CIFAR-10 on a 2-core CPU in about 25 minutes (test accuracies, times and memory on a Xeon with
+"""CIFAR-10 on a 2-core CPU in about 20-25 minutes (test accuracies, times and memory on a Xeon with
 AMX: README's table, measured on a JPEG copy of CIFAR-10 in class folders, `--dataset folder
 --data-dir DIR`).
 
     python train.py recipes/cifar10_cpu.py            # torchvision downloads CIFAR-10 into ./data
     python train.py recipes/cifar10_cpu.py --dataset folder --data-dir "$DATA_DIR/cifar10-jpeg"
 
-VGG16_bn at a quarter of its width on 32 px inputs, 60 epochs with flips and crops that shift
+VGG16_bn at a quarter of its width on 32 px inputs, 50 epochs with flips and crops that shift
 by up to 3 px (SHIFT). Each validation image is scored with six views (TTA, TTA_SHIFT: the image,
 it moved a pixel down and right, and up and left, each with its mirror image), which choose
 best.pth; the test split is scored once, on best.pth, the same way (TEST_EVERY_EPOCH). Nesterov
@@ -16,7 +16,7 @@ DATASET = "cifar10"
 SHIFT = 3
 IMAGE_SIZE = 32
 WIDTH_DIV = 4
-EPOCHS = 60
+EPOCHS = 50
 LR = 0.1
 NESTEROV = True
 WARMUP_EPOCHS = 1.0
