@@ -1,6 +1,6 @@
-"""CIFAR-10 on a 2-core CPU in about 20-25 minutes (test accuracies, times and memory on a Xeon with
-AMX: README's table, measured on a JPEG copy of CIFAR-10 in class folders, `--dataset folder
---data-dir DIR`).
+"""CIFAR-10 on a 2-core CPU: 87.66%, 87.20% and 87.73% with seeds 0-2, 21 min 38 s to 27 min 26 s
+each, on a Xeon with AMX (README's table; measured on a JPEG copy of CIFAR-10 in class folders,
+`--dataset folder --data-dir DIR`).
 
     python train.py recipes/cifar10_cpu.py            # torchvision downloads CIFAR-10 into ./data
     python train.py recipes/cifar10_cpu.py --dataset folder --data-dir "$DATA_DIR/cifar10-jpeg"
