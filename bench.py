@@ -9,8 +9,9 @@
 The pipelines, each training the same architecture at the same batch size with SGD + momentum:
   (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from
       a seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where
-      supported, SGD's fused step on CPU and CUDA, and below 64 px the first Linear on the 1x1 map
-      (net.VGG.first_linear_on_1x1): the training step of train.py.
+      supported, SGD's fused step on CPU and CUDA, below 64 px the first Linear on the 1x1 map
+      (net.VGG.first_linear_on_1x1), and with bf16 on a CPU with AMX the weight gradients of the
+      convolutions on small maps as one matrix product (cpuconv): the training step of train.py.
   (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a
       DataLoader, then per batch a numpy round trip that copies the 1 channel into 3, fp32. The
       model is this repo's net.vgg with its layers run as written (the tutorial's own had a softmax
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
+import cpuconv
 import devices
 import imagedata
 import net
@@ -308,6 +310,8 @@ def pipeline_repo(args, device, amp, synthetic_size):
     model = build().to(device)
     if device.type in ("cuda", "cpu"):  # as train.py: faster convolutions on both
         model = model.to(memory_format=torch.channels_last)
+    if not args.compile:  # as train.py
+        cpuconv.use_where_faster(model, device, amp)
     optimizer = sgd(model, devices.fused_step(device))  # as train.py
     # fp16 needs loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
