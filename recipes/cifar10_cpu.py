@@ -1,4 +1,4 @@
-"""CIFAR-10 on a 2-core CPU: 87.66%, 87.20% and 87.73% with seeds 0-2, 21 min 38 s to 27 min 26 s
+"""CIFAR-10 on a 2-core CPU: 87.68%, 87.38% and 87.79% with seeds 0-2, 20 min 45 s to 21 min 18 s
 each, on a Xeon with AMX (README's table; measured on a JPEG copy of CIFAR-10 in class folders,
 `--dataset folder --data-dir DIR`).
 
