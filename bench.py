@@ -10,8 +10,8 @@ The pipelines, each training the same architecture at the same batch size with S
   (a) this repo's: the split kept on the device as uint8 (imagedata.DeviceImages), batches cut from
       a seeded shuffle and normalized/resized there, channels_last, bf16/fp16 autocast where
       supported, SGD's fused step on CPU and CUDA, below 64 px the first Linear on the 1x1 map
-      (net.VGG.first_linear_on_1x1), and with bf16 on a CPU with AMX the weight gradients of the
-      convolutions on small maps as one matrix product (cpuconv): the training step of train.py.
+      (net.VGG.first_linear_on_1x1), and with bf16 on a CPU with AMX the convolutions on small
+      maps and their gradients as matrix products (cpuconv): the training step of train.py.
   (b) the original tutorial's: torchvision MNIST with Resize + ToTensor per sample in PIL, a
       DataLoader, then per batch a numpy round trip that copies the 1 channel into 3, fp32. The
       model is this repo's net.vgg with its layers run as written (the tutorial's own had a softmax

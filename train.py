@@ -181,7 +181,7 @@ def make_state(run: Run, source: pretrained.Source | None) -> TrainingState:
     if source is not None:
         run.pretrained = pretrained.load_pretrained(model, c, run.classes, source)
     model = devices.place(model, device)
-    if not c["compile"]:  # faster weight gradients on small maps (bf16, AMX)
+    if not c["compile"]:  # small maps as matrix products (bf16, AMX)
         cpuconv.use_where_faster(model, device, run.amp)
     optimizer = make_optimizer(model, c, run.world)
     scheduler = make_scheduler(optimizer, c, run.steps_per_epoch)
