@@ -3,7 +3,7 @@
 On 2x2 and 4x4 maps (VGG16's last six 3x3 convolutions at 32 px inputs) PyTorch's CPU convolution
 (oneDNN) runs in bf16 at a small fraction of the speed of the matrix products it amounts to: with
 512 channels on 2x2 maps, batch 64, on a 2-core Xeon with AMX, the weight gradient took 32 ms
-against 2 ms, the forward pass 8.9 ms against 2.1 and the input's gradient 9.4 ms against 2.0
+against 2 ms, the forward pass 9.6 ms against 4.4 and the input's gradient 6.5 ms against 5.7
 (docs/bench.md, "Small maps"). Here each output pixel's 3x3 neighbourhood becomes one row of a
 matrix (im2col; the copy is small because the maps are), and
 
@@ -27,7 +27,8 @@ SMALL_MAP = 16   # at most this many pixels (h x w) per map: 2x2 and 4x4 gained,
 
 
 def use_where_faster(model: nn.Module, device: torch.device, amp) -> int:
-    """Switch the model's 3x3 convolutions to the matrix products where they were measured faster: bf16 training on a CPU with AMX (elsewhere it was not measured, so nothing
+    """Switch the model's 3x3 convolutions to the matrix products where they were measured
+    faster: bf16 training on a CPU with AMX (elsewhere they were not measured, so nothing
     changes). Returns how many convolutions were switched."""
     if not (device.type == "cpu" and amp == torch.bfloat16 and devices.cpu_has("amx_tile")):
         return 0
