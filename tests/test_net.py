@@ -115,3 +115,10 @@ def test_a_1x1_map_skips_the_49_copies_and_trains_exactly_as_torchvision(size):
     for (name, p), q in zip(mine.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert mine.classifier[0].weight.grad.shape == (512, 64 * 49)
+
+
+@pytest.mark.quick
+def test_the_suite_keeps_temporary_files_of_failed_tests_only(pytestconfig):
+    """tests/pytest.ini: pytest would keep every test's files of the last three runs (about 6 GB each)."""
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) == 1
