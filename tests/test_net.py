@@ -1,5 +1,8 @@
 """The hand-written VGGs against torchvision's own: same parameters, same names, same outputs."""
 
+import configparser
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision import models
@@ -119,6 +122,14 @@ def test_a_1x1_map_skips_the_49_copies_and_trains_exactly_as_torchvision(size):
 
 @pytest.mark.quick
 def test_the_suite_keeps_temporary_files_of_failed_tests_only(pytestconfig):
-    """tests/pytest.ini: pytest would keep every test's files of the last three runs (about 6 GB each)."""
-    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
-    assert int(pytestconfig.getini("tmp_path_retention_count")) == 1
+    """tests/pytest.ini: pytest would keep every test's files of the last three runs (about 6 GB each).
+    README's `python -m pytest tests` reads it; a bare `pytest` in the repo's folder does not look
+    in tests/ for it, so there the file itself is checked."""
+    ini = Path(__file__).with_name("pytest.ini")
+    settings = configparser.ConfigParser()
+    settings.read(ini)
+    assert settings["pytest"]["tmp_path_retention_policy"] == "failed"
+    assert settings["pytest"]["tmp_path_retention_count"] == "1"
+    if pytestconfig.inipath == ini:
+        assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+        assert int(pytestconfig.getini("tmp_path_retention_count")) == 1
