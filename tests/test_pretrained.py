@@ -3,7 +3,7 @@ the real format and under the real file name, in a temporary TORCH_HOME (the hub
 through a file:// URL (urllib reads those) so that the real download code runs."""
 
 import hashlib
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -144,7 +144,8 @@ def test_a_pretrained_source_that_does_not_fit_is_one_line(bad, words, source, p
 @pytest.fixture(scope="module")
 def vgg11_file(tmp_path_factory):
     """torchvision's vgg11 with random weights, saved as the IMAGENET1K_V1 file is (a state dict)
-    under a name that carries the first hex digits of its own SHA-256, as torchvision's do."""
+    under a name that carries the first hex digits of its own SHA-256, as torchvision's do. The
+    tests hard-link it where they need it (507 MB; a copy per test took seconds and disk)."""
     import torchvision
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("weights")
@@ -165,7 +166,7 @@ def test_imagenet_weights_load_offline_from_the_hub_cache(vgg11_file, tmp_path, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
     cached.parent.mkdir(parents=True)
-    shutil.copy(vgg11_file, cached)
+    os.link(vgg11_file, cached)
     c = {"depth": 11, "batch_norm": False, "width_div": 1, "dropout": 0.5,
          "pretrained": "imagenet"}
     source = pretrained.fetch(c)
@@ -197,7 +198,7 @@ def test_the_download_runs_through_a_file_url_and_checks_the_hash(vgg11_file, tm
     assert downloaded.read_bytes() == vgg11_file.read_bytes()
     # the same bytes under a name whose hash digits do not match: refused, nothing kept
     wrong = tmp_path / "vgg11-00000000.pth"
-    shutil.copy(vgg11_file, wrong)
+    os.link(vgg11_file, wrong)
     monkeypatch.setattr(pretrained, "imagenet_weights", lambda name: (wrong.as_uri(), ["x"] * 1000))
     with pytest.raises(cli.UserError, match="SHA-256"):
         pretrained.fetch(c, progress=False)
@@ -231,7 +232,7 @@ def test_a_fine_tune_from_imagenet_weights_end_to_end(vgg11_file, tmp_path, monk
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
     cached.parent.mkdir(parents=True)
-    shutil.copy(vgg11_file, cached)
+    os.link(vgg11_file, cached)
     data = make_mnist(tmp_path / "mnist", n_train=16, n_test=8)
     run_train_in_process(monkeypatch, "--data-dir", data, "--pretrained", "imagenet", "--depth",
                          "11", "--no-batch-norm", "--image-size", "32", "--batch-size", "8",
@@ -323,7 +324,7 @@ def test_a_wrong_file_in_the_hub_cache_is_named_with_how_to_remove_it(vgg11_file
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
     cached.parent.mkdir(parents=True)
-    shutil.copy(vgg11_file, cached)
+    os.link(vgg11_file, cached)
     photos = make_folder(tmp_path / "d", n_train=4, n_test=2, classes=("a", "b"))
     err = one_error(monkeypatch, capsys, "--dataset", "folder", "--data-dir", photos,
                     "--pretrained", "imagenet", "--depth", "11", "--image-size", "32",
