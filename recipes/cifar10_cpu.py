@@ -1,19 +1,19 @@
-"""CIFAR-10 on a 2-core CPU: 88.24%, 87.93% and 88.28% with seeds 0-2, 18 min 54 s, 17 min 38 s and
-17 min 4 s each, on a Xeon with AMX (README's table; measured on a JPEG copy of CIFAR-10 in class folders,
-`--dataset folder --data-dir DIR`).
+"""CIFAR-10 on a 2-core CPU: 88.24%, 87.93% and 88.28% with seeds 0-2, 15 to 19 minutes each, on a
+Xeon with AMX (README's table; measured on a JPEG copy of CIFAR-10 in class folders, `--dataset
+folder --data-dir DIR`).
 
     python train.py recipes/cifar10_cpu.py            # torchvision downloads CIFAR-10 into ./data
     python train.py recipes/cifar10_cpu.py --dataset folder --data-dir "$DATA_DIR/cifar10-jpeg"
 
 VGG16_bn at a quarter of its width on 32 px inputs, 64 epochs with flips and crops that shift by up
-to 3 px (SHIFT). 512 images a step: on that CPU the step trains 1.4x the images a second of 128, so
-64 epochs take the time of 50. With four times the batch the rate is twice 128's 0.1 (four times
-fell apart) and the weight decay twice 5e-4, so the weights shrink as much an epoch; the average's
-decay is 0.996, about 0.999 ** 4, so it spans as many epochs. Each validation image is scored with six views
-(TTA, TTA_SHIFT: the image, it moved a pixel down and right, and up and left, each with its mirror
-image), which choose best.pth; the test split is scored once, on best.pth, the same way
-(TEST_EVERY_EPOCH). Nesterov momentum, label smoothing and no dropout. Every try behind these
-values: docs/recipes.md.
+to 3 px (SHIFT). 512 images a step: on that CPU the step trains 1.3-1.4x the images a second of 128,
+so 64 epochs take about the time of 50. With four times the batch the rate is twice 128's 0.1 (four
+times fell apart) and the weight decay twice 5e-4, so the weights shrink as much an epoch; the
+average's decay is 0.996, about 0.999 ** 4, so it spans as many epochs. Each validation image is
+scored with six views (TTA, TTA_SHIFT: the image, it moved a pixel down and right, and up and left,
+each with its mirror image), which choose best.pth; the test split is scored once, on best.pth, the
+same way (TEST_EVERY_EPOCH). Nesterov momentum, label smoothing and no dropout. Every try behind
+these values: docs/recipes.md.
 """
 DATASET = "cifar10"
 SHIFT = 3
