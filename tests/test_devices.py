@@ -536,9 +536,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 def test_a_cpu_run_reuses_the_memory_its_steps_free():
     """devices.prepare on a CPU, as train.py calls it: after two steps of the recipes' net (1/4
     width, batch 128, 32 px) the next steps take their buffers from memory the process already
-    has. Without it they take 8-22 thousand fresh pages from the kernel every step on most runs (each
-    a page fault; 146 thousand at full width), with it 0-342 (a 2-core Xeon; docs/bench.md). Each in a fresh process, so
-    that this one's allocator is left as it was."""
+    has. Without it they take 8-22 thousand fresh pages from the kernel every step on most runs
+    (each a page fault; 146 thousand at full width), with it 0-342 (a 2-core Xeon; docs/bench.md).
+    Each in a fresh process, so that this one's allocator is left as it was."""
     def faults_per_step(mode, **env):
         out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], cwd=ROOT,
                              env={**os.environ, **env}, capture_output=True, text=True,

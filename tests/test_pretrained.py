@@ -145,7 +145,7 @@ def test_a_pretrained_source_that_does_not_fit_is_one_line(bad, words, source, p
 def vgg11_file(tmp_path_factory):
     """torchvision's vgg11 with random weights, saved as the IMAGENET1K_V1 file is (a state dict)
     under a name that carries the first hex digits of its own SHA-256, as torchvision's do. The
-    tests hard-link it where they need it (507 MB; a copy per test took seconds and disk)."""
+    tests hard-link it where they need it rather than write its 507 MB again."""
     import torchvision
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("weights")
