@@ -144,8 +144,7 @@ def test_a_pretrained_source_that_does_not_fit_is_one_line(bad, words, source, p
 @pytest.fixture(scope="module")
 def vgg11_file(tmp_path_factory):
     """torchvision's vgg11 with random weights, saved as the IMAGENET1K_V1 file is (a state dict)
-    under a name that carries the first hex digits of its own SHA-256, as torchvision's do. The
-    tests hard-link it where they need it rather than write its 507 MB again."""
+    under a name that carries the first hex digits of its own SHA-256, as torchvision's do."""
     import torchvision
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("weights")
@@ -158,15 +157,22 @@ def vgg11_file(tmp_path_factory):
     return named
 
 
+def in_hub_cache(weights: Path, url: str, tmp_path, monkeypatch) -> Path:
+    """`weights` under the name of `url` in a temporary TORCH_HOME's hub cache, where torchvision
+    looks before it downloads (a hard link: no second 507 MB written)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    os.link(weights, cached)
+    return cached
+
+
 def test_imagenet_weights_load_offline_from_the_hub_cache(vgg11_file, tmp_path, monkeypatch):
     """The file under its real name in $TORCH_HOME/hub/checkpoints loads without a network, and the
     network gives the same outputs as torchvision's vgg11 with those weights."""
     import torchvision
     url, categories = pretrained.imagenet_weights("vgg11")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
-    cached.parent.mkdir(parents=True)
-    os.link(vgg11_file, cached)
+    cached = in_hub_cache(vgg11_file, url, tmp_path, monkeypatch)
     c = {"depth": 11, "batch_norm": False, "width_div": 1, "dropout": 0.5,
          "pretrained": "imagenet"}
     source = pretrained.fetch(c)
@@ -229,10 +235,7 @@ def test_a_fine_tune_from_imagenet_weights_end_to_end(vgg11_file, tmp_path, monk
     """train.py --pretrained imagenet at full width (vgg11 at 32 px, 1 epoch), then test.py: the
     checkpoint records the source and ImageNet's statistics, and digits become 3 grey channels."""
     url, _ = pretrained.imagenet_weights("vgg11")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
-    cached.parent.mkdir(parents=True)
-    os.link(vgg11_file, cached)
+    in_hub_cache(vgg11_file, url, tmp_path, monkeypatch)
     data = make_mnist(tmp_path / "mnist", n_train=16, n_test=8)
     run_train_in_process(monkeypatch, "--data-dir", data, "--pretrained", "imagenet", "--depth",
                          "11", "--no-batch-norm", "--image-size", "32", "--batch-size", "8",
@@ -321,10 +324,7 @@ def test_a_wrong_file_in_the_hub_cache_is_named_with_how_to_remove_it(vgg11_file
     """A valid state dict of other shapes under the ImageNet file's name (a vgg11 where vgg11_bn
     belongs): the line names the cached file and says to delete it, not the run's settings."""
     url, _ = pretrained.imagenet_weights("vgg11_bn")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    cached = tmp_path / "home" / "hub" / "checkpoints" / Path(url).name
-    cached.parent.mkdir(parents=True)
-    os.link(vgg11_file, cached)
+    cached = in_hub_cache(vgg11_file, url, tmp_path, monkeypatch)
     photos = make_folder(tmp_path / "d", n_train=4, n_test=2, classes=("a", "b"))
     err = one_error(monkeypatch, capsys, "--dataset", "folder", "--data-dir", photos,
                     "--pretrained", "imagenet", "--depth", "11", "--image-size", "32",
