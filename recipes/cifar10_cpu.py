@@ -10,10 +10,11 @@ that shift by up to 3 px (SHIFT). 512 images a step: on that CPU the step trains
 a second of 128. With four times the batch the rate is twice 128's 0.1 (four times fell apart at
 a quarter of the width), reached over four epochs (over two, one seed of three fell apart for a few
 epochs), and the weight decay twice 5e-4, so the weights shrink as much an epoch; the average's
-decay is 0.996, about 0.999 ** 4, so it spans as many epochs. Each validation image is scored with six views (TTA,
-TTA_SHIFT: the image, it moved a pixel down and right, and up and left, each with its mirror image),
-which choose best.pth; the test split is scored once, on best.pth, the same way (TEST_EVERY_EPOCH).
-Nesterov momentum, label smoothing and no dropout. Every try behind these values: docs/recipes.md.
+decay is 0.996, about 0.999 ** 4, so it spans as many epochs. Each validation image is scored with
+six views (TTA, TTA_SHIFT: the image, it moved a pixel down and right, and up and left, each with
+its mirror image), which choose best.pth; the test split is scored once, on best.pth, the same way
+(TEST_EVERY_EPOCH). Nesterov momentum, label smoothing and no dropout. Every try behind these
+values: docs/recipes.md.
 """
 DATASET = "cifar10"
 SHIFT = 3
