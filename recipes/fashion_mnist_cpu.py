@@ -1,4 +1,4 @@
-"""Fashion-MNIST on a 2-core CPU: 93.96% in 5 min 44 s on a Xeon with AMX (README's table); on a
+"""Fashion-MNIST on a 2-core CPU: 93.96% in 3 min 51 s on a Xeon with AMX (README's table); on a
 Zen 4 94.12% and 93.69% with seeds 0 and 1.
 
     python train.py recipes/fashion_mnist_cpu.py      # options typed after it still win
