@@ -136,8 +136,8 @@ def test_confusion_matrix_matches_the_accuracy_and_the_predictions(split_run):
         (k, int(cm[k].sum()), int(cm[k, k])) for k in range(10)]
 
 
-def test_grid_options_and_out_folder(trained, tmp_path):
-    data, save = trained
+def test_grid_options_and_out_folder(trained, split_run, tmp_path):
+    data, save = trained  # save/predictions.png: split_run's default grid, to compare with
     out = tmp_path / "figs"
     proc = run_script("test.py", "--checkpoint", save / "best.pth", "--data-dir", data, "--show", "0",
                       "--grid", "5", "--grid-seed", "3", "--out", out, "--device", "cpu")
