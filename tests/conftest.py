@@ -8,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Under pytest-xdist (README's `-n 2`) the workers share the cores: each worker, and every script it
+# starts, gets its share of OpenMP threads, since more threads than cores slow a CPU step several times.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+import numpy as np  # noqa: E402  (after OMP_NUM_THREADS: OpenMP and OpenBLAS read it once)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("DATA_DIR", ROOT.parent / "shared" / "data"))
