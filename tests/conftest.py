@@ -11,7 +11,8 @@ from pathlib import Path
 # Under pytest-xdist (README's `-n 2`) the workers share the cores: each worker, and every script it
 # starts, gets its share of OpenMP threads, since more threads than cores slow a CPU step several times.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 import numpy as np  # noqa: E402  (after OMP_NUM_THREADS: OpenMP and OpenBLAS read it once)
 import pytest  # noqa: E402
