@@ -1,6 +1,7 @@
 """Where a run computes: the device, its precision, torchrun's processes, memory, random streams."""
 
 import ctypes
+import gc
 import os
 import platform
 import signal
@@ -286,6 +287,9 @@ def leave_process_group() -> None:
     still up (one line from rank 0, a quiet exit from the others) could abort in its destructor
     ("terminate called without an active exception", SIGABRT) instead of exiting with its code."""
     if dist.is_available() and dist.is_initialized():
+        # a DDP wrapper sits in a reference cycle: collected now, while the group is up, it does not
+        # take gloo's work objects into the interpreter's teardown, where they can abort it too
+        gc.collect()
         try:
             dist.destroy_process_group()
         except Exception:  # the others may have gone already; this process ends anyway
