@@ -5,6 +5,7 @@ other's: both must still take the same number of steps. A small launcher runs tr
 and records, from the outside, the shards each process trained on and the weights it ended with.
 """
 
+import gc
 import json
 import os
 import re
@@ -12,10 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import devices
 import imagedata
@@ -446,12 +450,6 @@ def test_leaving_the_group_frees_the_ddp_wrappers_before_destroying_it(tmp_path,
     the interpreter's teardown, it and gloo's work objects outlive the process group, and one run
     under torchrun -n 2 aborted there ("terminate called without an active exception") after it
     had saved. devices.leave_process_group frees them while the group is still up."""
-    import gc
-    import weakref
-
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     dist.init_process_group("gloo", init_method=(tmp_path / "group").as_uri(), rank=0, world_size=1)
     try:
         def one_step():  # as train.py's epochs(): the wrapper's last name goes with the function
