@@ -17,12 +17,14 @@ errors.UserError, which run_main turns into one line on stderr and exit code 2. 
 no setting of any script, and imports no data or training code.
 """
 
+import _thread
 import argparse
 import ast
 import difflib
 import math
 import os
 import sys
+import threading
 import tokenize
 import types
 import typing
@@ -34,17 +36,35 @@ from errors import UserError
 def run_main(main):
     """Call main() and return what it returns; a UserError becomes `prog: error: message` on stderr
     and exit code 2. Characters the terminal's encoding lacks (a class named "café" under
-    PYTHONIOENCODING=ascii) are printed as escapes, never an error."""
+    PYTHONIOENCODING=ascii) are printed as escapes, never an error. A Ctrl-C that Python could not
+    raise where it landed still stops main() (_ctrl_c_reaches_main)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):  # not a text file (a test's capture)
             pass
+    hook, sys.unraisablehook = sys.unraisablehook, _ctrl_c_reaches_main
     try:
         return main()
     except UserError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        sys.unraisablehook = hook
+
+
+def _ctrl_c_reaches_main(unraisable) -> None:
+    """sys.unraisablehook: Python cannot raise from a weakref callback or __del__, so a Ctrl-C that
+    arrives while one runs would be printed as "Exception ignored" and lost. It is raised again in
+    the main thread instead, quietly, a moment later from another thread: raised in this hook, it
+    would be lost as well (and if it lands in a callback again, this hook sends it once more).
+    Anything else is reported as Python does."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 # ---------------------------------------------------------------------------------- the block
