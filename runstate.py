@@ -4,12 +4,12 @@ and --resume, also on another number of processes.
 train.py holds the recipe and the loop, and calls this module a few times a run:
 
     c, ckpt = runstate.start_or_resume(config, args, ...)  # before SAVE_DIR is written
-    keeper = runstate.Keeper(run, old_run, ...)             # Ctrl-C, SIGTERM are caught from here
     runstate.restore(state, ckpt, run, lr)                  # --resume: where last.pth left the run
-    for each epoch:
-        progress = keeper.epoch(state, epoch)   # sums, progress bar, signals, timed saves
-        ... progress.step_done(loss, logits, labels) after every optimizer step ...
-        keeper.end_epoch(state, epoch, progress.done(), val, test, seconds)  # files and line
+    with runstate.Keeper(run, old_run, ...) as keeper:      # Ctrl-C, SIGTERM are caught inside
+        for each epoch:
+            progress = keeper.epoch(state, epoch)   # sums, progress bar, signals, timed saves
+            ... progress.step_done(loss, logits, labels) after every optimizer step ...
+            keeper.end_epoch(state, epoch, progress.done(), val, test, seconds)  # files and line
 
 Every process of a torchrun run takes the same decisions at the same step: saving gathers all of
 their random states, and a process that stopped or raised alone would leave the others waiting.
@@ -298,8 +298,14 @@ class Preemption:
         self.steps_since_agreement, self.agree_every = 0, 1
 
     def install(self) -> None:
+        self.found = {signum: signal.getsignal(signum) for signum in devices.STOP_SIGNALS}
         for signum in devices.STOP_SIGNALS:
             signal.signal(signum, self)
+
+    def uninstall(self) -> None:
+        """The handlers install() found (None, one set outside Python, cannot be set again)."""
+        for signum, handler in self.found.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT and not self.distributed:
@@ -439,8 +445,16 @@ class Keeper:
         c = run.config
         self.preemption = Preemption(run.distributed, c["save_every_minutes"], c["log_every"],
                                      run.device)
-        self.preemption.install()
         self.first_epoch = True  # of this invocation: its second step is timed (slow CPUs)
+
+    def __enter__(self) -> "Keeper":
+        """Ctrl-C and SIGTERM save and stop from here on; after the block, they do again what they
+        did before it (for a caller that runs train.py's main() in its own process)."""
+        self.preemption.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.preemption.uninstall()
 
     def epoch(self, state: TrainingState, epoch: int) -> EpochProgress:
         """The bookkeeping of epoch `epoch` (from 0), from state.step on."""

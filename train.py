@@ -364,23 +364,24 @@ def train(run: Run, ckpt: dict | None, source, splits, amp_reason: str, args):
     state = make_state(run, source if ckpt is None else None)
     if ckpt is not None:
         runstate.restore(state, ckpt, run, effective_lr(c, run.world))
-    keeper = start(run, state, ckpt, args.overwrite, val_data is not None)
-    run.log(header(run, state, [len(s) if s is not None else 0 for s in splits], amp_reason))
-    try:
-        results = epochs(run, state, keeper, splits)
-        if not c["test_every_epoch"]:  # rank 0 alone: no collective
-            results["best_test"] = keeper.test_best(state, test_data, lambda model, data: evaluate(
-                model, data, 2 * c["batch_size"], run.device, run.amp, tta=c["tta"],
-                tta_shift=c["tta_shift"]))
-        if keeper.board is not None:  # the last epoch's confusion matrix and worst mistakes
-            keeper.board.pictures(state.evaluated, test_data, state.epoch, run.device, run.amp)
-            keeper.board.commit()
-    finally:
-        if keeper.board is not None:
-            keeper.board.close()  # what no checkpoint covers is not written
-    if run.distributed:  # the others wait for rank 0's last work, so that all leave the process
-        torch.distributed.barrier()  # group together (torch 2.3 hung in a destroy meanwhile)
-    finish(run, state, val_data is not None)
+    with start(run, state, ckpt, args.overwrite, val_data is not None) as keeper:
+        run.log(header(run, state, [len(s) if s is not None else 0 for s in splits], amp_reason))
+        try:
+            results = epochs(run, state, keeper, splits)
+            if not c["test_every_epoch"]:  # rank 0 alone: no collective
+                results["best_test"] = keeper.test_best(
+                    state, test_data, lambda model, data: evaluate(
+                        model, data, 2 * c["batch_size"], run.device, run.amp, tta=c["tta"],
+                        tta_shift=c["tta_shift"]))
+            if keeper.board is not None:  # the last epoch's confusion matrix and worst mistakes
+                keeper.board.pictures(state.evaluated, test_data, state.epoch, run.device, run.amp)
+                keeper.board.commit()
+        finally:
+            if keeper.board is not None:
+                keeper.board.close()  # what no checkpoint covers is not written
+        if run.distributed:  # the others wait for rank 0's last work, so that all leave the
+            torch.distributed.barrier()  # process group together (torch 2.3 hung in a destroy)
+        finish(run, state, val_data is not None)
     return state, results
 
 
@@ -412,7 +413,7 @@ def epochs(run: Run, state: TrainingState, keeper: runstate.Keeper, splits) -> d
 def start(run: Run, state: TrainingState, ckpt: dict | None, overwrite: bool,
           has_val: bool) -> runstate.Keeper:
     """The lines a run starts with (where it resumes, a fine-tune that never unfreezes), and its
-    Keeper: from here on Ctrl-C and SIGTERM save and stop, and TensorBoard gets its events."""
+    Keeper: inside its block Ctrl-C and SIGTERM save and stop, and TensorBoard gets its events."""
     c = run.config
     if ckpt is not None:
         if c["pretrained"] is not None:

@@ -3,7 +3,6 @@
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,16 +157,10 @@ def run_script(script: str, *args, env=None, timeout=600, check=False) -> subpro
 
 def run_train_in_process(monkeypatch, *args):
     """train.run() as `python train.py ARGS` runs it, in this process; returns what it returns (the final
-    training state and the last epoch's results). Its signal handlers are undone after."""
-    import devices
+    training state and the last epoch's results)."""
     import train
-    handlers = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
-    try:
-        return train.run()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    return train.run()
 
 
 # ---------------------------------------------------- fixtures of the test files about training runs
@@ -204,13 +197,3 @@ def test_script():
 def small(tmp_path_factory):
     """64 training images: 2 steps an epoch at TINY's batch size, for tests that only need a run to happen."""
     return make_mnist(tmp_path_factory.mktemp("small"), n_train=64, n_test=32)
-
-
-@pytest.fixture
-def handlers():
-    """train.main installs its own SIGINT/SIGTERM handlers: put pytest's back after an in-process run."""
-    import devices
-    old = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
-    yield
-    for s, h in old.items():
-        signal.signal(s, h)

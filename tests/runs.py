@@ -1,6 +1,6 @@
 """Helpers of the test files about training runs (test_resume, test_bad_input, test_save_folder,
 test_many_classes, test_bad_images): start train.py and wait for a moment in it, call a script's main()
-in this process, read its one-line errors. Their fixtures (data, run_dir, saved, small, handlers,
+in this process, read its one-line errors. Their fixtures (data, run_dir, saved, small,
 test_script) are in conftest.py."""
 
 import hashlib

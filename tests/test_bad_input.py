@@ -330,7 +330,7 @@ def test_one_class_is_refused(tmp_path, capsys):
     assert not list((tmp_path / "save").glob("*.pth"))
 
 
-def test_resume_recreates_a_deleted_best_checkpoint(saved, data, capsys, handlers):
+def test_resume_recreates_a_deleted_best_checkpoint(saved, data, capsys):
     best = load(saved / "best.pth")
     (saved / "best.pth").unlink()
     code, err = call(train.run, "train.py", ["--resume", "--save-dir", saved, "--data-dir", data], capsys)

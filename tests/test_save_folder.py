@@ -58,7 +58,7 @@ def test_file_size_limit_reached_while_training_saves(saved, data):
     assert not list(saved.glob(".*tmp*"))
 
 
-def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(saved, small, capsys, handlers):
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(saved, small, capsys):
     """--overwrite with a run that fails after every start-up check (here: it diverges in its first epoch)
     leaves the old run whole; a run that gets to its first save then replaces every old file."""
     before = digests(saved)
@@ -77,7 +77,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(saved, small, c
 
 
 @pytest.mark.parametrize("kept", ["best.pth", "epoch_001.pth", "metrics.csv"])
-def test_any_file_of_a_previous_run_blocks_a_fresh_run(kept, saved, data, capsys, handlers):
+def test_any_file_of_a_previous_run_blocks_a_fresh_run(kept, saved, data, capsys):
     for p in saved.iterdir():
         if p.name != kept:
             p.unlink()
@@ -101,7 +101,7 @@ def test_a_second_run_on_a_busy_save_folder_is_refused_and_harms_nothing(small, 
     assert [r[0] for r in rows[1:]] == ["1", "2"]
 
 
-def test_resume_with_other_class_names_is_refused(tmp_path, capsys, handlers):
+def test_resume_with_other_class_names_is_refused(tmp_path, capsys):
     first = make_folder(tmp_path / "a", n_train=6, n_test=3)
     other = make_folder(tmp_path / "b", n_train=6, n_test=3, classes=("ant", "bee", "fly"))
     save = tmp_path / "save"
@@ -123,7 +123,7 @@ DAMAGED_METRICS = {
 
 
 @pytest.mark.parametrize("kind", DAMAGED_METRICS)
-def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, capsys, handlers):
+def test_damaged_metrics_is_set_aside_and_resume_goes_on(kind, saved, data, capsys):
     path = saved / "metrics.csv"
     good = path.read_text()
     header, row = good.splitlines()[:2]
@@ -150,7 +150,7 @@ def test_metrics_with_another_header_is_set_aside_when_appending(tmp_path, capsy
 
 
 def test_full_disk_at_the_metrics_write_keeps_the_epoch_and_leaves_nothing_half_written(
-        saved, small, monkeypatch, capsys, handlers):
+        saved, small, monkeypatch, capsys):
     """ENOSPC when metrics.csv is written at the end of an epoch: the epoch's checkpoints are already on
     disk, the error is one line, and no empty or half-written metrics.csv remains."""
     import builtins
@@ -212,8 +212,7 @@ def test_a_checkpoint_that_cannot_be_written_whole_is_one_line_and_leaves_nothin
     assert load(saved / "last.pth")["epoch"] == 2
 
 
-def test_a_save_folder_that_is_a_dangling_link_or_a_file_is_one_line(small, tmp_path, capsys,
-                                                                     handlers):
+def test_a_save_folder_that_is_a_dangling_link_or_a_file_is_one_line(small, tmp_path, capsys):
     link = tmp_path / "runs"
     link.symlink_to(tmp_path / "nowhere")
     code, err = call(train.run, "train.py", [*TINY, "--data-dir", small, "--save-dir", link], capsys)

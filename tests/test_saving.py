@@ -47,7 +47,7 @@ def test_a_model_that_is_not_finite_is_never_saved(where):
 
 
 @pytest.mark.quick
-def test_an_evaluated_loss_that_is_not_finite_saves_nothing(tmp_path, handlers):
+def test_an_evaluated_loss_that_is_not_finite_saves_nothing(tmp_path):
     c = tiny_config(save_dir=str(tmp_path))
     run, state = tiny_state(c)
     keeper = runstate.Keeper(run, checkpoints.OldRun(tmp_path, False), "save_model")

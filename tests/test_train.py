@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import re
+import signal
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ import checkpoints
 import devices
 import imagedata
 import net
+import runstate
 import train
 from conftest import (REAL_DATA, ROOT, TINY, load, make_folder, make_mnist, run_script,
                       run_train_in_process, weight_differences)
+from runs import call
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +278,29 @@ def test_same_seed_same_weights(tmp_path, mnist_root):
         run_script("train.py", *TINY, "--data-dir", mnist_root, "--save-dir", tmp_path / name, check=True)
         runs.append(load(tmp_path / name / "last.pth")["model"])
     assert not weight_differences(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("stop", [None, signal.SIGTERM])
+def test_a_run_called_in_process_gives_back_the_signal_handlers_it_found(stop, tmp_path, monkeypatch, capsys):
+    """train.run() from a notebook or another script: after it, Ctrl-C and SIGTERM do what they did before
+    (the run's own handler would swallow the next Ctrl-C), whether the run ended or was stopped."""
+    found = {s: signal.getsignal(s) for s in devices.STOP_SIGNALS}
+    if stop is not None:
+        step_done = runstate.EpochProgress.step_done
+
+        def signalled(self, *args):
+            signal.raise_signal(stop)
+            step_done(self, *args)
+        monkeypatch.setattr(runstate.EpochProgress, "step_done", signalled)
+    data = make_mnist(tmp_path / "data", n_train=64, n_test=32)
+    try:
+        code, err = call(train.run, "train.py", [*TINY, "--data-dir", data, "--save-dir", tmp_path / "save"],
+                         capsys)
+        assert code == (0 if stop is None else 128 + stop), err
+        assert {s: signal.getsignal(s) for s in devices.STOP_SIGNALS} == found
+    finally:
+        for s, h in found.items():
+            signal.signal(s, h)
 
 
 def test_own_image_folders_train_and_test_py_reads_them(tmp_path):
