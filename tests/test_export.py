@@ -60,6 +60,7 @@ def test_the_onnx_file_gives_test_py_s_predictions_and_carries_the_classes(folde
             assert float(percent) / 100 == pytest.approx(float(p[classes.index(name)]), abs=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")  # torch 2.14 on TorchScript
 def test_the_torchscript_file_takes_any_batch_and_names_its_classes(folder_model):
     run = folder_model / "run"
     run_script("export.py", "--checkpoint", run / "best.pth", "--out", folder_model / "ts",
